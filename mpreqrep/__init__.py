@@ -1,0 +1,23 @@
+"""mpreqrep: yoton's request-reply over TCP, with handlers on every core.
+
+Public API: :func:`do_request`, :class:`RequestServer`, :func:`split_address`,
+:func:`port_hash`, :class:`NoServerError`.
+"""
+
+from __future__ import annotations
+
+from ._address import port_hash, split_address
+from ._client import do_request
+from ._errors import NoServerError
+from ._server import RequestServer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "NoServerError",
+    "RequestServer",
+    "__version__",
+    "do_request",
+    "port_hash",
+    "split_address",
+]

@@ -1,0 +1,93 @@
+"""``do_request``: the yoton-compatible client (SPEC section 3).
+
+Connects, sends one request, half-closes, and reads the reply into the
+framing layer until its first CRLF, EOF or the deadline. Blocking sockets
+with a timeout recomputed from one ``time.monotonic()`` deadline: no polling
+and no sleeps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import time
+
+from ._address import split_address
+from ._errors import NoServerError
+from ._framing import LineReceiver, encode_message
+
+RECV_CHUNK_SIZE = 65536
+
+
+def do_request(address: str, request: str, timeout: float | None = -1) -> str | None:
+    """Send one request and return the reply.
+
+    Works against a :class:`RequestServer`, yoton's server, or any
+    line-oriented TCP server (an HTTP server answers its status line).
+
+    Args:
+        address: ``"[tcp://]host:port"``, see :func:`split_address`.
+        request: the request text; CRLF is appended unless present.
+        timeout: seconds to wait for the whole exchange if > 0; otherwise
+            (0, negative or ``None``) wait as long as it takes.
+
+    Returns:
+        The reply up to and including its first CRLF (or all of it if the
+        server closed first); ``""`` if the server closed without replying;
+        ``None`` if ``timeout`` ran out first.
+
+    Raises:
+        ValueError: ``request`` is not a ``str``, or the address is malformed.
+        NoServerError: nobody is listening at the address.
+
+    Thread safety: each call uses its own socket; call it from any thread.
+    """
+    _, host, port = split_address(address)
+    if not isinstance(request, str):
+        raise ValueError("request should be a string.")
+    deadline = time.monotonic() + timeout if timeout is not None and timeout > 0 else None
+    try:
+        sock = socket.create_connection((host, port), timeout=_remaining(deadline))
+    except TimeoutError:
+        return None
+    except OSError as exc:
+        raise NoServerError(f"No server is listening at {host}:{port}.") from exc
+    with sock:
+        try:
+            _send_request(sock, request, deadline)
+            return _receive_reply(sock, deadline)
+        except TimeoutError:
+            return None
+
+
+def _remaining(deadline: float | None) -> float | None:
+    """Seconds left until ``deadline`` (a tiny positive number once past it)."""
+    if deadline is None:
+        return None
+    return max(deadline - time.monotonic(), 1e-6)
+
+
+def _send_request(sock: socket.socket, request: str, deadline: float | None) -> None:
+    """Send the request and half-close; a server that already closed is not an error."""
+    sock.settimeout(_remaining(deadline))
+    # The server may have closed early (say, an oversize request): then the
+    # reply is whatever it sent, usually nothing, which _receive_reply reads.
+    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+        sock.sendall(encode_message(request))
+        sock.shutdown(socket.SHUT_WR)
+
+
+def _receive_reply(sock: socket.socket, deadline: float | None) -> str:
+    """Read until the first CRLF or EOF; a reset counts as EOF."""
+    receiver = LineReceiver()
+    while True:
+        sock.settimeout(_remaining(deadline))
+        try:
+            data = sock.recv(RECV_CHUNK_SIZE)
+        except ConnectionResetError:
+            data = b""
+        if not data:
+            return receiver.receive_eof()
+        reply = receiver.receive_data(data)
+        if reply is not None:
+            return reply

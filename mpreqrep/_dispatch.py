@@ -1,0 +1,131 @@
+"""The dispatch seam: how ``handle_request`` runs once a request has been read.
+
+Every dispatcher turns request text into a :class:`~concurrent.futures.Future`
+of the reply text. The I/O loop only calls :meth:`Dispatcher.submit` and reads
+the future; it never knows whether the handler ran inline, on a thread, in a
+process pool or on a cluster::
+
+    I/O loop ──submit(text)──▶ Dispatcher ──▶ inline call │ thread pool │ Executor
+        ▲                                                       │
+        └──────── done callback (reply text or exception) ◀─────┘
+
+This module uses the standard library only; the loky pool lives in
+``_pool.py``.
+"""
+
+from __future__ import annotations
+
+import abc
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from typing import Any, Protocol
+
+from ._errors import HandlerReturnTypeError
+
+
+class Handler(Protocol):
+    """Anything with a ``handle_request`` method: a :class:`RequestServer`."""
+
+    def handle_request(self, request: str) -> str:
+        """Return the reply to one request."""
+
+
+def run_handler(handler: Handler, request: str) -> str:
+    """Call ``handler.handle_request`` and check that it returned a ``str``.
+
+    Module-level so that process pools and clusters can pickle it.
+
+    Args:
+        handler: the server object (or its copy in a worker).
+        request: the request text, trailing CRLF included.
+
+    Returns:
+        The reply text.
+
+    Raises:
+        HandlerReturnTypeError: the handler returned something else.
+        Exception: whatever the handler raised.
+    """
+    reply = handler.handle_request(request)
+    if not isinstance(reply, str):
+        raise HandlerReturnTypeError(
+            f"handle_request() should return a str, not {type(reply).__name__}"
+        )
+    return reply
+
+
+class Dispatcher(abc.ABC):
+    """Runs ``handle_request`` for the I/O loop.
+
+    ``start`` is called once before the first request, ``submit`` only from
+    the I/O thread, ``shutdown`` once after the last reply was written.
+    """
+
+    def start(self) -> None:  # noqa: B027 - most dispatchers need no warm-up
+        """Prepare to run handlers (warm a pool); errors raise from here."""
+
+    @abc.abstractmethod
+    def submit(self, request: str) -> Future[str]:
+        """Start handling one request and return the future of its reply."""
+
+    def shutdown(self) -> None:  # noqa: B027 - most dispatchers own nothing
+        """Release what the dispatcher owns, waiting for running handlers."""
+
+    def stats(self) -> dict[str, Any]:
+        """Figures of the dispatcher itself (pool health, workers)."""
+        return {}
+
+
+class InlineDispatcher(Dispatcher):
+    """Runs the handler at once in the I/O thread: yoton's sync mode.
+
+    Handlers never overlap and cost no thread hop; a slow handler holds up
+    further handling, but never a client's reading.
+    """
+
+    def __init__(self, handler: Handler) -> None:
+        self._handler = handler
+
+    def submit(self, request: str) -> Future[str]:
+        """Run the handler now; the returned future is already done."""
+        future: Future[str] = Future()
+        try:
+            future.set_result(run_handler(self._handler, request))
+        except Exception as exc:
+            future.set_exception(exc)
+        return future
+
+
+class ExecutorDispatcher(Dispatcher):
+    """Submits ``run_handler(server, request)`` to a ``concurrent.futures.Executor``.
+
+    Args:
+        executor: the executor to submit to.
+        handler: the server object handed to every call.
+        owned: shut the executor down with the server (``True`` for the
+            thread pool the server made itself, ``False`` for a user's).
+    """
+
+    def __init__(self, executor: Executor, handler: Handler, *, owned: bool) -> None:
+        self._executor = executor
+        self._handler = handler
+        self._owned = owned
+
+    def submit(self, request: str) -> Future[str]:
+        """Submit the handler call to the executor."""
+        return self._executor.submit(run_handler, self._handler, request)
+
+    def shutdown(self) -> None:
+        """Shut the executor down if the server owns it.
+
+        Does not wait: by now every answered request is done, and a handler
+        still running was abandoned by its request timeout (a thread cannot
+        be killed).
+        """
+        if self._owned:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def thread_dispatcher(handler: Handler, *, max_threads: int) -> ExecutorDispatcher:
+    """A dispatcher that runs handlers concurrently on up to ``max_threads`` threads."""
+    pool = ThreadPoolExecutor(max_workers=max_threads, thread_name_prefix="mpreqrep-handler")
+    return ExecutorDispatcher(pool, handler, owned=True)

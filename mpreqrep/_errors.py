@@ -1,0 +1,23 @@
+"""Exceptions of mpreqrep.
+
+Owns the public :class:`NoServerError` and the internal framing errors. Knows
+nothing of sockets, threads or processes.
+"""
+
+from __future__ import annotations
+
+
+class NoServerError(RuntimeError, ConnectionError):
+    """Nobody is listening at the address given to :func:`do_request`.
+
+    A :class:`RuntimeError`, which is what yoton raises in that case, and a
+    :class:`ConnectionError`, which is what a socket user expects.
+    """
+
+
+class RequestTooLargeError(ValueError):
+    """A message grew past its size cap before its first CRLF arrived."""
+
+
+class HandlerReturnTypeError(TypeError):
+    """``handle_request`` returned something other than a ``str``."""

@@ -1,0 +1,463 @@
+"""The acceptor thread: one selector loop that accepts, reads and replies.
+
+Owns the listening socket once serving starts, every accepted connection, the
+per-connection deadlines and the wake-up socketpair. It hands each complete
+request to a :class:`~mpreqrep._dispatch.Dispatcher` and never waits on a
+handler: replies come back through future callbacks, which queue the future
+and wake the selector. It knows nothing of loky, psutil or the server class.
+
+Data flow across threads::
+
+    I/O thread                                   handler threads / pool
+    ──────────                                   ──────────────────────
+    accept ─▶ read ─▶ framing ─▶ submit(text) ─────────▶ handle_request
+                                                                │
+    write ◀─ reply ◀─ _completed deque ◀─ done callback ◀───────┘
+       │                  (+ 1 byte on the wake-up socket)
+       ▼
+    SHUT_WR, close
+
+Each connection moves READING → WAITING → WRITING → CLOSED; each phase has
+its own deadline (read timeout, request timeout, write timeout). Every socket
+is closed in exactly one place, :meth:`IOLoop._close`.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import errno
+import logging
+import selectors
+import socket
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+
+from ._dispatch import Dispatcher
+from ._errors import RequestTooLargeError
+from ._framing import LineReceiver, encode_message
+from ._stats import ServerStats
+
+logger = logging.getLogger("mpreqrep")
+
+RECV_CHUNK_SIZE = 65536
+ACCEPT_BATCH_SIZE = 256
+ACCEPT_BACKOFF_S = 0.1
+RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+READING, WAITING, WRITING, CLOSED = "reading", "waiting", "writing", "closed"
+
+
+class _Connection:
+    """One accepted socket and where it is in its request-reply exchange."""
+
+    __slots__ = (
+        "accepted_at",
+        "deadline",
+        "events",
+        "future",
+        "outgoing",
+        "peer",
+        "phase",
+        "receiver",
+        "sock",
+    )
+
+    def __init__(self, sock: socket.socket, peer: object, receiver: LineReceiver, now: float):
+        self.sock = sock
+        self.peer = peer
+        self.receiver = receiver
+        self.accepted_at = now
+        self.phase = READING
+        self.events = 0
+        self.deadline: float | None = None
+        self.future: Future[str] | None = None
+        self.outgoing = memoryview(b"")
+
+
+class _Deadlines:
+    """Deadlines of one phase and one duration, hence already in time order.
+
+    An entry goes stale when its connection leaves the phase; stale entries
+    are skipped when they come up.
+    """
+
+    def __init__(self, phase: str, duration_s: float | None) -> None:
+        self._phase = phase
+        self._duration_s = duration_s
+        self._entries: collections.deque[tuple[float, _Connection]] = collections.deque()
+
+    def schedule(self, conn: _Connection, now: float) -> None:
+        """Give ``conn`` this phase's deadline, counted from ``now``."""
+        if self._duration_s is None:
+            conn.deadline = None
+            return
+        conn.deadline = now + self._duration_s
+        self._entries.append((conn.deadline, conn))
+
+    def pop_expired(self, now: float) -> list[_Connection]:
+        """Remove and return the connections whose deadline in this phase has passed."""
+        expired = []
+        entries = self._entries
+        while entries and entries[0][0] <= now:
+            deadline, conn = entries.popleft()
+            if conn.phase == self._phase and conn.deadline == deadline:
+                expired.append(conn)
+        return expired
+
+    def next_deadline(self) -> float | None:
+        """The earliest deadline held (possibly stale), or ``None``."""
+        return self._entries[0][0] if self._entries else None
+
+
+class IOLoop:
+    """Accepts connections and moves each through read → submit → reply → close.
+
+    Args:
+        listener: a bound, listening TCP socket; closed when serving ends.
+        dispatcher: runs ``handle_request`` for each complete request.
+        read_timeout_s: how long a client may take to send its request (and
+            to take its reply) before it is dropped.
+        request_timeout_s: how long a handler may run before its client is
+            dropped without a reply; ``None`` for no limit.
+        max_request_size: bytes a request may reach without a CRLF.
+        max_pending: requests submitted and not yet answered past which no
+            new connection is accepted; ``None`` for no limit.
+        on_accept: called with the peer address of each accepted connection.
+
+    Thread safety: :meth:`serve` runs in one thread; :meth:`request_stop` and
+    the future callbacks may come from any thread.
+    """
+
+    def __init__(
+        self,
+        listener: socket.socket,
+        dispatcher: Dispatcher,
+        *,
+        read_timeout_s: float,
+        request_timeout_s: float | None,
+        max_request_size: int,
+        max_pending: int | None,
+        on_accept: Callable[[object], None] | None = None,
+    ) -> None:
+        self.stats = ServerStats()
+        self._listener = listener
+        self._dispatcher = dispatcher
+        self._max_request_size = max_request_size
+        self._max_pending = max_pending
+        self._on_accept = on_accept
+        self._selector = selectors.DefaultSelector()
+        self._wake_reader, self._wake_writer = socket.socketpair()
+        self._wake_reader.setblocking(False)
+        self._wake_writer.setblocking(False)
+        self._wake_pending = False
+        self._stop_requested = False
+        self._accepting = False
+        self._accept_paused_until = 0.0
+        self._connections: set[_Connection] = set()
+        self._in_flight: dict[Future[str], _Connection] = {}
+        self._completed: collections.deque[Future[str]] = collections.deque()
+        self._read_deadlines = _Deadlines(READING, read_timeout_s)
+        self._request_deadlines = _Deadlines(WAITING, request_timeout_s)
+        self._write_deadlines = _Deadlines(WRITING, read_timeout_s)
+
+    # -- control, from any thread -------------------------------------------------
+
+    def request_stop(self) -> None:
+        """Stop accepting; :meth:`serve` returns once every accepted request is done."""
+        self._stop_requested = True
+        self._wake_nowait()
+
+    def counts(self) -> tuple[int, int]:
+        """How many requests are in flight and how many connections are still reading."""
+        in_flight = len(self._in_flight)
+        return in_flight, max(len(self._connections) - in_flight, 0)
+
+    # -- the loop ---------------------------------------------------------------------
+
+    def serve(self) -> None:
+        """Serve until :meth:`request_stop`, then drain and close every socket."""
+        self._listener.setblocking(False)
+        self._selector.register(self._wake_reader, selectors.EVENT_READ, self._drain_wake)
+        try:
+            while not (self._stop_requested and not self._connections):
+                self._update_accepting()
+                for key, _ in self._selector.select(self._select_timeout()):
+                    self._handle_event(key.data)
+                self._reply_completed()
+                self._expire_deadlines(time.monotonic())
+        finally:
+            self._close_everything()
+
+    def _handle_event(self, target: _Connection | Callable[[], None]) -> None:
+        """Run the step a ready socket is waiting for."""
+        if not isinstance(target, _Connection):
+            target()
+            return
+        try:
+            if target.phase == READING:
+                self._read(target)
+            else:
+                self._write(target)
+        except Exception:
+            logger.exception("unexpected error on connection from %s", target.peer)
+            self._close(target)
+
+    def _select_timeout(self) -> float | None:
+        """Seconds until the next deadline (or accept back-off), ``None`` if none."""
+        candidates = [
+            deadline
+            for deadline in (
+                self._read_deadlines.next_deadline(),
+                self._request_deadlines.next_deadline(),
+                self._write_deadlines.next_deadline(),
+            )
+            if deadline is not None
+        ]
+        if self._accept_paused_until:
+            candidates.append(self._accept_paused_until)
+        if not candidates:
+            return None
+        return max(min(candidates) - time.monotonic(), 0.0)
+
+    # -- accepting ----------------------------------------------------------------------
+
+    def _update_accepting(self) -> None:
+        """Watch the listener only while stopping is not asked, the pool has room
+        and no accept back-off is running."""
+        if self._stop_requested:
+            self._close_listener()
+            return
+        if self._accept_paused_until and time.monotonic() >= self._accept_paused_until:
+            self._accept_paused_until = 0.0
+        has_room = self._max_pending is None or len(self._in_flight) < self._max_pending
+        should_accept = has_room and not self._accept_paused_until
+        if should_accept != self._accepting:
+            if should_accept:
+                self._selector.register(self._listener, selectors.EVENT_READ, self._accept_batch)
+            else:
+                self._selector.unregister(self._listener)
+            self._accepting = should_accept
+
+    def _accept_batch(self) -> None:
+        """Accept the connections that are waiting, up to one batch."""
+        for _ in range(ACCEPT_BATCH_SIZE):
+            try:
+                sock, peer = self._listener.accept()
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                self._on_accept_error(exc)
+                return
+            self._open(sock, peer)
+            if self._max_pending is not None and len(self._in_flight) >= self._max_pending:
+                return
+
+    def _on_accept_error(self, exc: OSError) -> None:
+        """Back off on resource exhaustion; ignore a peer that gave up (ECONNABORTED)."""
+        if exc.errno in RESOURCE_ERRNOS:
+            logger.warning("accept failed (%s); pausing accepts for %.2f s", exc, ACCEPT_BACKOFF_S)
+            self._accept_paused_until = time.monotonic() + ACCEPT_BACKOFF_S
+        else:
+            logger.debug("accept failed: %s", exc)
+
+    def _open(self, sock: socket.socket, peer: object) -> None:
+        """Start the exchange on a new connection, reading at once if data is there."""
+        sock.setblocking(False)
+        now = time.monotonic()
+        conn = _Connection(sock, peer, LineReceiver(self._max_request_size), now)
+        self._connections.add(conn)
+        self._read_deadlines.schedule(conn, now)
+        if self._on_accept is not None:
+            self._on_accept(peer)
+        self._handle_event(conn)
+
+    # -- reading ------------------------------------------------------------------------
+
+    def _read(self, conn: _Connection) -> None:
+        """Read what has arrived; submit the request once it is complete."""
+        try:
+            data = conn.sock.recv(RECV_CHUNK_SIZE)
+        except BlockingIOError:
+            self._watch(conn, selectors.EVENT_READ)
+            return
+        except OSError as exc:
+            self._drop(conn, f"read failed: {exc}")
+            return
+        if not data:
+            self._read_eof(conn)
+            return
+        try:
+            request = conn.receiver.receive_data(data)
+        except RequestTooLargeError as exc:
+            self._drop(conn, f"request too large ({exc})")
+            return
+        if request is None:
+            self._watch(conn, selectors.EVENT_READ)
+        else:
+            self._submit(conn, request)
+
+    def _read_eof(self, conn: _Connection) -> None:
+        """EOF ends the request (SPEC 1); a client that sent nothing gets nothing."""
+        if conn.receiver.buffered_size == 0:
+            self._drop(conn, "closed without sending a request")
+        else:
+            self._submit(conn, conn.receiver.receive_eof())
+
+    # -- handling -----------------------------------------------------------------------
+
+    def _submit(self, conn: _Connection, request: str) -> None:
+        """Hand the request to the dispatcher; reply now if it is already done."""
+        self._unwatch(conn)
+        conn.phase = WAITING
+        try:
+            future = self._dispatcher.submit(request)
+        except Exception:
+            logger.exception("could not submit the request from %s", conn.peer)
+            self.stats.failed += 1
+            self._close(conn)
+            return
+        if future.done():
+            self._reply(conn, future)
+            return
+        conn.future = future
+        self._in_flight[future] = conn
+        self._request_deadlines.schedule(conn, time.monotonic())
+        future.add_done_callback(self._on_future_done)
+
+    def _on_future_done(self, future: Future[str]) -> None:
+        """Queue a finished future for the I/O thread (runs in any thread)."""
+        self._completed.append(future)
+        if not self._wake_pending:
+            self._wake_pending = True
+            self._wake_nowait()
+
+    def _reply_completed(self) -> None:
+        """Reply for every future finished since the last pass."""
+        self._wake_pending = False
+        completed = self._completed
+        while completed:
+            conn = self._in_flight.pop(completed.popleft(), None)
+            if conn is not None:
+                self._reply(conn, conn.future)  # type: ignore[arg-type]
+
+    # -- replying -----------------------------------------------------------------------
+
+    def _reply(self, conn: _Connection, future: Future[str]) -> None:
+        """Start writing the reply, or close with none if the handler failed."""
+        exc = future.exception()
+        if exc is not None:
+            self.stats.failed += 1
+            logger.error("handle_request failed for %s", conn.peer, exc_info=exc)
+            self._close(conn)
+            return
+        conn.phase = WRITING
+        conn.future = None
+        conn.outgoing = memoryview(encode_message(future.result()))
+        self._write(conn)
+
+    def _write(self, conn: _Connection) -> None:
+        """Send what the socket takes; close once the whole reply is out."""
+        try:
+            sent = conn.sock.send(conn.outgoing)
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            self._drop(conn, f"write failed: {exc}")
+            return
+        conn.outgoing = conn.outgoing[sent:]
+        if conn.outgoing:
+            if conn.events != selectors.EVENT_WRITE:
+                self._write_deadlines.schedule(conn, time.monotonic())
+            self._watch(conn, selectors.EVENT_WRITE)
+            return
+        self.stats.record_served(time.monotonic() - conn.accepted_at)
+        self._close(conn)
+
+    # -- deadlines ----------------------------------------------------------------------
+
+    def _expire_deadlines(self, now: float) -> None:
+        """Drop the connections whose current phase ran out of time."""
+        for conn in self._read_deadlines.pop_expired(now):
+            self._drop(conn, "read timeout")
+        for conn in self._write_deadlines.pop_expired(now):
+            self._drop(conn, "write timeout")
+        for conn in self._request_deadlines.pop_expired(now):
+            self._time_out_request(conn)
+
+    def _time_out_request(self, conn: _Connection) -> None:
+        """Give up on a handler that ran too long: no reply, the connection closes."""
+        future = conn.future
+        if future is not None:
+            self._in_flight.pop(future, None)
+            future.cancel()
+        self.stats.timed_out += 1
+        logger.warning("request from %s timed out; closing without a reply", conn.peer)
+        self._close(conn)
+
+    # -- sockets ------------------------------------------------------------------------
+
+    def _watch(self, conn: _Connection, events: int) -> None:
+        """Make the selector report ``events`` for this connection."""
+        if conn.events == events:
+            return
+        if conn.events:
+            self._selector.modify(conn.sock, events, conn)
+        else:
+            self._selector.register(conn.sock, events, conn)
+        conn.events = events
+
+    def _unwatch(self, conn: _Connection) -> None:
+        """Stop the selector reporting on this connection."""
+        if conn.events:
+            self._selector.unregister(conn.sock)
+            conn.events = 0
+
+    def _drop(self, conn: _Connection, reason: str) -> None:
+        """Close a connection for a client-side fault, without a reply."""
+        self.stats.dropped += 1
+        logger.debug("dropping connection from %s: %s", conn.peer, reason)
+        self._close(conn)
+
+    def _close(self, conn: _Connection) -> None:
+        """The one place a connection ends: SHUT_WR, then close, whatever happens."""
+        self._unwatch(conn)
+        conn.phase = CLOSED
+        self._connections.discard(conn)
+        try:
+            conn.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass  # the peer is gone already: nothing left to flush
+        finally:
+            conn.sock.close()
+
+    def _close_listener(self) -> None:
+        """Stop listening for good."""
+        if self._accepting:
+            self._selector.unregister(self._listener)
+            self._accepting = False
+        self._listener.close()
+
+    def _close_everything(self) -> None:
+        """Release every socket this loop owns (after a drain, or after a crash)."""
+        for conn in list(self._connections):
+            self._close(conn)
+        self._close_listener()
+        self._selector.close()
+        self._wake_reader.close()
+        self._wake_writer.close()
+
+    def _wake_nowait(self) -> None:
+        """Make the selector return (any thread)."""
+        # OSError: buffer full (a wake-up is pending anyway) or loop already closed.
+        with contextlib.suppress(OSError):
+            self._wake_writer.send(b"\0")
+
+    def _drain_wake(self) -> None:
+        """Empty the wake-up socket."""
+        try:
+            while self._wake_reader.recv(4096):
+                pass
+        except BlockingIOError:
+            pass

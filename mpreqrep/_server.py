@@ -1,0 +1,317 @@
+"""``RequestServer``: the yoton-compatible server thread (SPEC section 4).
+
+Owns the listening socket (bound in ``__init__``), the choice of dispatcher
+(inline, threads, a loky pool or a user's executor) and the server's life
+cycle: ``start``/``run``/``stop``/``join`` and the context manager. The I/O
+itself is :class:`~mpreqrep._ioloop.IOLoop`'s; how handlers run is the
+dispatcher's.
+
+In process mode each worker holds a pickled copy of the server: everything
+set in ``__init__`` travels, the thread state, sockets and executor do not
+(see :meth:`RequestServer.__getstate__`).
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+from ._address import split_address
+from ._dispatch import Dispatcher, ExecutorDispatcher, InlineDispatcher, thread_dispatcher
+from ._ioloop import IOLoop
+
+logger = logging.getLogger("mpreqrep")
+
+DEFAULT_MAX_REQUEST_SIZE = 1_048_576
+DEFAULT_READ_TIMEOUT_S = 10.0
+DEFAULT_MAX_PENDING = 1024
+DEFAULT_MAX_THREADS = 64
+DEFAULT_BACKLOG = 1024
+
+_THREAD_ATTRIBUTES = frozenset(vars(threading.Thread()))
+
+
+@dataclass(frozen=True)
+class _Options:
+    """The server's settings; picklable, so they reach process workers too."""
+
+    async_val: bool
+    verbose: int
+    workers: int | str | None
+    request_timeout_s: float | None
+    max_request_size: int
+    read_timeout_s: float
+    max_pending: int | None
+    max_worker_memory: int | None
+    max_threads: int
+
+
+class _Runtime:
+    """What lives only in the serving process: sockets, the loop, the dispatcher."""
+
+    def __init__(self, listener: socket.socket, executor: Executor | None) -> None:
+        self.listener = listener
+        self.executor = executor
+        self.loop: IOLoop | None = None
+        self.dispatcher: Dispatcher | None = None
+        self.stop_requested = False
+
+
+class RequestServer(threading.Thread):
+    """A request-reply server: subclass it and overload :meth:`handle_request`.
+
+    One TCP connection per request, as in yoton. The socket is bound and
+    listening when the constructor returns; :meth:`start` serves in a daemon
+    thread, :meth:`run` in the calling thread.
+
+    Args:
+        address: ``"[tcp://]host:port"`` (see :func:`split_address`); port 0
+            binds an ephemeral port, reported by :attr:`port`.
+        async_val: thread mode only: run handlers concurrently on threads.
+            ``async`` is accepted as a keyword alias (yoton's signature).
+        verbose: print a line per accepted connection, as yoton does.
+        workers: ``None`` for thread mode, an int >= 1 or ``"auto"``
+            (physical cores) for a loky process pool of that many workers.
+        executor: any ``concurrent.futures.Executor`` to run handlers on
+            (not owned: the server does not shut it down).
+        request_timeout: seconds a handler may run before its client is
+            closed without a reply (in process mode its worker is killed).
+        max_request_size: bytes a request may reach without a CRLF.
+        read_timeout: seconds a client may take to send its request.
+        max_pending: requests in flight past which accepting pauses.
+        max_worker_memory: process mode: bytes of RSS past which a worker is
+            recycled between requests.
+        max_threads: ``async_val=True``: size of the handler thread pool.
+        backlog: the listen backlog.
+
+    Raises:
+        ValueError: a malformed address, a protocol other than tcp, both
+            ``workers`` and ``executor``, or a bad option value.
+        OSError: the address cannot be bound (e.g. the port is taken).
+
+    Thread safety: :meth:`stop` and :meth:`stats` may be called from any
+    thread. ``handle_request`` calls never overlap in sync thread mode; in
+    the other modes they run concurrently.
+    """
+
+    def __init__(
+        self,
+        address: str,
+        async_val: bool = False,
+        verbose: int = 0,
+        *,
+        workers: int | str | None = None,
+        executor: Executor | None = None,
+        request_timeout: float | None = None,
+        max_request_size: int = DEFAULT_MAX_REQUEST_SIZE,
+        read_timeout: float = DEFAULT_READ_TIMEOUT_S,
+        max_pending: int | None = DEFAULT_MAX_PENDING,
+        max_worker_memory: int | None = None,
+        max_threads: int = DEFAULT_MAX_THREADS,
+        backlog: int = DEFAULT_BACKLOG,
+        **kwargs: Any,
+    ) -> None:
+        async_val = _pop_async_alias(async_val, kwargs)
+        super().__init__(daemon=True)
+        self._options = _Options(
+            async_val=bool(async_val),
+            verbose=verbose,
+            workers=workers,
+            request_timeout_s=request_timeout,
+            max_request_size=max_request_size,
+            read_timeout_s=read_timeout,
+            max_pending=max_pending,
+            max_worker_memory=max_worker_memory,
+            max_threads=max_threads,
+        )
+        _check_options(self._options, executor)
+        protocol, host, port = split_address(address)
+        if protocol != "tcp":
+            raise ValueError(f"only tcp is served, not {protocol!r}")
+        listener = _listen(host, port, backlog)
+        self.port: int = listener.getsockname()[1]
+        self.address: str = f"{host}:{self.port}"
+        self.name = f"mpreqrep-server-{self.port}"
+        self._runtime: _Runtime | None = _Runtime(listener, executor)
+
+    # -- the handler --------------------------------------------------------------------
+
+    def handle_request(self, request: str) -> str:
+        """Return the reply to one request; overload this.
+
+        Args:
+            request: the request text, with its trailing CRLF if it had one.
+
+        Returns:
+            The reply text; CRLF is appended on the wire unless present.
+            The default echoes ``"Requested: " + request``, as yoton's does.
+        """
+        return "Requested: " + request
+
+    # -- life cycle ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Prepare the dispatcher (warm the pool) here, then serve in a thread.
+
+        Raises:
+            Exception: whatever preparing the dispatcher raised (e.g. the
+                server cannot be pickled for process workers).
+        """
+        self._prepare()
+        super().start()
+
+    def run(self) -> None:
+        """Serve in the calling thread until :meth:`stop`, then drain and clean up."""
+        runtime = self._require_runtime()
+        if runtime.loop is None:
+            self._prepare()
+        assert runtime.loop is not None and runtime.dispatcher is not None
+        logger.info("serving at %s", self.address)
+        try:
+            runtime.loop.serve()
+        finally:
+            runtime.dispatcher.shutdown()
+            logger.info("stopped serving at %s", self.address)
+
+    def stop(self) -> None:
+        """Ask the server to stop; returns at once. After :meth:`join`, the
+        listener is closed and every accepted request has been answered."""
+        runtime = self._require_runtime()
+        runtime.stop_requested = True
+        if runtime.loop is not None:
+            runtime.loop.request_stop()
+
+    def stats(self) -> dict[str, Any]:
+        """Counters, latency percentiles and the dispatcher's figures (any thread)."""
+        runtime = self._require_runtime()
+        if runtime.loop is None or runtime.dispatcher is None:
+            return {}
+        in_flight, reading = runtime.loop.counts()
+        figures = runtime.loop.stats.snapshot(in_flight=in_flight, reading=reading)
+        figures.update(runtime.dispatcher.stats())
+        return figures
+
+    def __enter__(self) -> RequestServer:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.stop()
+        self.join()
+
+    # -- pickling for process workers ---------------------------------------------------
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Everything set in ``__init__`` except thread state and runtime objects."""
+        return {
+            key: value
+            for key, value in self.__dict__.items()
+            if key not in _THREAD_ATTRIBUTES and key != "_runtime"
+        }
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Rebuild a copy that can handle requests but never serves."""
+        threading.Thread.__init__(self, daemon=True)
+        self.__dict__.update(state)
+        self._runtime = None
+
+    # -- internals ----------------------------------------------------------------------
+
+    def _require_runtime(self) -> _Runtime:
+        """The runtime, which copies made for workers do not have."""
+        if self._runtime is None:
+            raise RuntimeError("this is a worker's copy of the server; it cannot serve")
+        return self._runtime
+
+    def _prepare(self) -> None:
+        """Build and start the dispatcher, then the I/O loop that feeds it."""
+        runtime = self._require_runtime()
+        options = self._options
+        dispatcher = _make_dispatcher(self, options, runtime.executor)
+        dispatcher.start()
+        runtime.dispatcher = dispatcher
+        runtime.loop = IOLoop(
+            runtime.listener,
+            dispatcher,
+            read_timeout_s=options.read_timeout_s,
+            request_timeout_s=options.request_timeout_s,
+            max_request_size=options.max_request_size,
+            max_pending=options.max_pending,
+            on_accept=_print_accept if options.verbose else None,
+        )
+        if runtime.stop_requested:
+            runtime.loop.request_stop()
+
+
+def _pop_async_alias(async_val: bool, kwargs: dict[str, Any]) -> bool:
+    """Accept yoton's documented ``async`` keyword; reject any other extra keyword."""
+    if "async" in kwargs:
+        async_val = kwargs.pop("async")
+    if kwargs:
+        raise TypeError(f"unexpected keyword arguments: {', '.join(sorted(kwargs))}")
+    return async_val
+
+
+def _check_options(options: _Options, executor: Executor | None) -> None:
+    """Reject contradictory or out-of-range settings early, with a clear message."""
+    if executor is not None and options.workers is not None:
+        raise ValueError("give either workers or executor, not both")
+    for name in ("request_timeout_s", "max_worker_memory", "max_pending"):
+        value = getattr(options, name)
+        if value is not None and value <= 0:
+            raise ValueError(f"{name.removesuffix('_s')} must be positive, not {value!r}")
+    for name in ("max_request_size", "read_timeout_s", "max_threads"):
+        if getattr(options, name) <= 0:
+            raise ValueError(f"{name.removesuffix('_s')} must be positive")
+    if options.workers is not None:
+        from ._pool import resolve_worker_count
+
+        resolve_worker_count(options.workers)
+
+
+def _make_dispatcher(
+    server: RequestServer, options: _Options, executor: Executor | None
+) -> Dispatcher:
+    """Pick how ``handle_request`` runs: the one place where the modes differ."""
+    if executor is not None:
+        return ExecutorDispatcher(executor, server, owned=False)
+    if options.workers is not None:
+        from ._pool import ProcessPoolDispatcher, resolve_worker_count
+
+        return ProcessPoolDispatcher(
+            server,
+            resolve_worker_count(options.workers),
+            request_timeout_s=options.request_timeout_s,
+            max_worker_memory=options.max_worker_memory,
+        )
+    if options.async_val:
+        return thread_dispatcher(server, max_threads=options.max_threads)
+    return InlineDispatcher(server)
+
+
+def _listen(host: str, port: int, backlog: int) -> socket.socket:
+    """A TCP socket bound to (host, port) and listening, or OSError."""
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((host, port))
+        listener.listen(backlog)
+    except BaseException:
+        listener.close()
+        raise
+    return listener
+
+
+def _print_accept(peer: object) -> None:
+    """yoton's ``verbose`` line for an accepted connection (SPEC section 4)."""
+    print("handling request from: " + str(peer))
