@@ -53,11 +53,12 @@ def split_address(address: str) -> tuple[str, str, int]:
     protocol, _, rest = address.rpartition("://")
     if ":" not in rest:
         raise ValueError("Address should be in format 'host:port'.")
-    host, port_text = rest.split(":", 1)
+    host_text, port_text = rest.split(":", 1)
+    host = _resolve_host(host_text)  # before the port: yoton reports host errors first
     port = _parse_port(port_text)
     if port >= PORT_LIMIT:
         raise ValueError("The port must be in the range [0, 2^16>.")
-    return protocol.lower() or "tcp", _resolve_host(host), port
+    return protocol.lower() or "tcp", host, port
 
 
 def _resolve_host(host: str) -> str:

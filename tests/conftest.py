@@ -1,0 +1,61 @@
+"""Shared helpers: the timeout unit, yoton, and servers that clean up after themselves."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+import mpreqrep
+
+# Every timeout in the tests is a multiple of this; raise it on slow machines.
+UNIT = float(os.environ.get("MPREQREP_TEST_TIMEOUT_UNIT", "1.0"))
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.01) -> bool:
+    """Poll ``predicate`` until it is true or ``timeout`` seconds have passed."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if predicate():
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(interval)
+
+
+def import_yoton() -> ModuleType:
+    """The real yoton, from the pyzo package installed as a test dependency."""
+    import pyzo
+
+    folder = os.path.dirname(pyzo.__file__)
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    import yoton
+
+    return yoton
+
+
+@pytest.fixture(scope="session")
+def yoton() -> ModuleType:
+    return import_yoton()
+
+
+@contextmanager
+def running(
+    server_class: type[mpreqrep.RequestServer] = mpreqrep.RequestServer, **options: Any
+) -> Iterator[mpreqrep.RequestServer]:
+    """Start a server on an ephemeral loopback port; stop and join it afterwards."""
+    server = server_class("127.0.0.1:0", **options)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+        server.join(timeout=30 * UNIT)
+        assert not server.is_alive(), "server did not stop"

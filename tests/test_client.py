@@ -1,0 +1,113 @@
+"""do_request against our server and against plain sockets that misbehave."""
+
+from __future__ import annotations
+
+import http.server
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+import mpreqrep
+
+from .conftest import UNIT, running
+
+
+@pytest.fixture
+def silent_listener() -> Iterator[socket.socket]:
+    """A socket that listens and never accepts: connects succeed, replies never come."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        yield listener
+
+
+def free_port() -> int:
+    with socket.create_server(("127.0.0.1", 0)) as probe:
+        return int(probe.getsockname()[1])
+
+
+def serve_once(reply: bytes | None) -> tuple[int, threading.Thread, list[bytes]]:
+    """Accept one connection, record what the client sent, send ``reply`` and close."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    received: list[bytes] = []
+
+    def handle() -> None:
+        with listener, listener.accept()[0] as conn:
+            conn.settimeout(10 * UNIT)
+            chunks = []
+            while chunk := conn.recv(4096):
+                chunks.append(chunk)
+            received.append(b"".join(chunks))
+            if reply is not None:
+                conn.sendall(reply)
+
+    thread = threading.Thread(target=handle, daemon=True)
+    thread.start()
+    return listener.getsockname()[1], thread, received
+
+
+def test_round_trip() -> None:
+    with running() as server:
+        assert mpreqrep.do_request(server.address, "hi") == "Requested: hi\r\n"
+
+
+def test_sends_crlf_and_half_closes() -> None:
+    port, thread, received = serve_once(b"ok\r\nignored")
+    assert mpreqrep.do_request(f"localhost:{port}", "ping", timeout=10 * UNIT) == "ok\r\n"
+    thread.join(10 * UNIT)
+    assert received == [b"ping\r\n"]
+
+
+def test_reply_without_crlf_ends_at_eof() -> None:
+    port, thread, _ = serve_once(b"partial")
+    assert mpreqrep.do_request(f"localhost:{port}", "x") == "partial"
+    thread.join(10 * UNIT)
+
+
+def test_close_without_reply_gives_empty_string() -> None:
+    port, thread, _ = serve_once(None)
+    assert mpreqrep.do_request(f"localhost:{port}", "x") == ""
+    thread.join(10 * UNIT)
+
+
+def test_timeout_returns_none(silent_listener: socket.socket) -> None:
+    port = silent_listener.getsockname()[1]
+    started = time.monotonic()
+    assert mpreqrep.do_request(f"localhost:{port}", "x", timeout=0.2 * UNIT) is None
+    assert time.monotonic() - started < 5 * UNIT
+
+
+def test_no_server_raises_no_server_error() -> None:
+    with pytest.raises(mpreqrep.NoServerError) as caught:
+        mpreqrep.do_request(f"localhost:{free_port()}", "x")
+    assert isinstance(caught.value, RuntimeError)
+    assert isinstance(caught.value, ConnectionError)
+    assert isinstance(caught.value.__cause__, OSError)
+
+
+@pytest.mark.parametrize("request_", [b"bytes", 3, None])
+def test_non_str_request_is_a_value_error(request_: object) -> None:
+    with pytest.raises(ValueError):
+        mpreqrep.do_request("localhost:1", request_)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("timeout", [0, -1, None])
+def test_non_positive_timeout_waits(timeout: float | None) -> None:
+    with running() as server:
+        assert mpreqrep.do_request(server.address, "w", timeout=timeout) == "Requested: w\r\n"
+
+
+def test_http_server_answers_its_status_line() -> None:
+    httpd = http.server.HTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        reply = mpreqrep.do_request(
+            f"localhost:{httpd.server_port}", "GET / HTTP/1.0\r\n", 10 * UNIT
+        )
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert reply is not None
+    assert reply.startswith("HTTP/1.0 ") and reply.endswith("\r\n")

@@ -1,0 +1,181 @@
+"""SPEC section 5 in thread mode: each fault named, each survived."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import struct
+import threading
+import time
+
+import psutil
+import pytest
+
+import mpreqrep
+
+from .conftest import UNIT, running, wait_until
+from .test_server import fire
+
+MODES = [pytest.param(False, id="sync"), pytest.param(True, id="async")]
+
+
+class Faulty(mpreqrep.RequestServer):
+    """Raises, returns a non-str, hangs or echoes, as the request says."""
+
+    def handle_request(self, request: str) -> str:
+        command = request.strip()
+        if command == "raise":
+            raise RuntimeError("handler exploded")
+        if command == "bytes":
+            return b"not a str"  # type: ignore[return-value]
+        if command == "hang":
+            threading.Event().wait(3 * UNIT)
+        return "echo:" + request
+
+
+def raw_exchange(port: int, payload: bytes, *, half_close: bool = True) -> bytes:
+    """Send raw bytes and read everything until the server closes."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10 * UNIT) as sock:
+        try:
+            sock.sendall(payload)
+            if half_close:
+                sock.shutdown(socket.SHUT_WR)
+        except (BrokenPipeError, ConnectionResetError):
+            return b""
+        chunks = []
+        try:
+            while chunk := sock.recv(65536):
+                chunks.append(chunk)
+        except ConnectionResetError:
+            pass
+        return b"".join(chunks)
+
+
+def closed_by_server(sock: socket.socket) -> bool:
+    """Whether the server closed this connection (EOF or reset), without a reply."""
+    sock.settimeout(10 * UNIT)
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+
+
+@pytest.mark.parametrize("async_val", MODES)
+@pytest.mark.parametrize("command", ["raise", "bytes"])
+def test_handler_failure_is_logged_and_closes_without_reply(
+    async_val: bool, command: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    with (
+        caplog.at_level(logging.ERROR, logger="mpreqrep"),
+        running(Faulty, async_val=async_val) as server,
+    ):
+        assert mpreqrep.do_request(server.address, command) == ""
+        assert mpreqrep.do_request(server.address, "next") == "echo:next\r\n"
+        assert server.stats()["failed"] == 1
+    failures = [r for r in caplog.records if "handle_request failed" in r.getMessage()]
+    assert len(failures) == 1 and failures[0].exc_info is not None
+
+
+@pytest.mark.parametrize("async_val", MODES)
+def test_oversize_request_is_closed_and_never_handled(async_val: bool) -> None:
+    with running(Faulty, async_val=async_val, max_request_size=1000) as server:
+        assert raw_exchange(server.port, b"x" * 5000) == b""
+        assert raw_exchange(server.port, b"y" * 998 + b"\r\n") == b"echo:" + b"y" * 998 + b"\r\n"
+        assert server.stats()["served"] == 1
+
+
+@pytest.mark.parametrize("async_val", MODES)
+def test_silent_client_is_dropped_after_the_read_timeout(async_val: bool) -> None:
+    with running(async_val=async_val, read_timeout=0.3 * UNIT) as server:
+        with socket.create_connection(("127.0.0.1", server.port)) as silent:
+            started = time.monotonic()
+            assert closed_by_server(silent)
+            assert 0.2 * UNIT < time.monotonic() - started < 5 * UNIT
+        assert server.stats()["dropped"] == 1
+
+
+def test_trickling_client_is_dropped_while_others_are_served() -> None:
+    with (
+        running(read_timeout=0.5 * UNIT) as server,
+        socket.create_connection(("127.0.0.1", server.port)) as trickler,
+    ):
+        deadline = time.monotonic() + 10 * UNIT
+        while time.monotonic() < deadline:
+            try:
+                trickler.send(b"a")
+            except (BrokenPipeError, ConnectionResetError):
+                break
+            assert mpreqrep.do_request(server.address, "ok", 5 * UNIT) == "Requested: ok\r\n"
+            if wait_until(lambda: server.stats()["dropped"] == 1, 0.1 * UNIT):
+                break
+        assert server.stats()["dropped"] == 1
+        assert closed_by_server(trickler)
+
+
+def test_client_that_closes_without_sending_is_not_handled() -> None:
+    with running(Faulty) as server:
+        assert raw_exchange(server.port, b"") == b""
+        assert wait_until(lambda: server.stats()["dropped"] == 1, 5 * UNIT)
+        assert server.stats()["served"] == 0
+
+
+@pytest.mark.parametrize("async_val", MODES)
+def test_invalid_utf8_is_decoded_with_errors_ignored(async_val: bool) -> None:
+    with running(Faulty, async_val=async_val) as server:
+        assert raw_exchange(server.port, b"a\xffb\xc3\r\n") == b"echo:ab\r\n"
+
+
+def test_eof_without_crlf_is_a_request() -> None:
+    with running(Faulty) as server:
+        assert raw_exchange(server.port, b"no crlf") == b"echo:no crlf\r\n"
+
+
+def test_bytes_after_the_first_crlf_are_ignored() -> None:
+    with running(Faulty) as server:
+        assert raw_exchange(server.port, b"one\r\ntwo\r\n") == b"echo:one\r\n"
+
+
+def test_reset_mid_request_costs_nobody_a_reply() -> None:
+    with running(Faulty, read_timeout=5 * UNIT) as server:
+        sock = socket.create_connection(("127.0.0.1", server.port))
+        sock.sendall(b"partial")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()  # SO_LINGER 0: the server sees a reset
+        assert mpreqrep.do_request(server.address, "fine") == "echo:fine\r\n"
+        assert wait_until(lambda: server.stats()["dropped"] == 1, 5 * UNIT)
+
+
+def test_request_timeout_closes_without_reply_in_thread_mode() -> None:
+    with running(Faulty, async_val=True, request_timeout=0.3 * UNIT) as server:
+        assert mpreqrep.do_request(server.address, "hang", 10 * UNIT) == ""
+        assert mpreqrep.do_request(server.address, "next", 10 * UNIT) == "echo:next\r\n"
+        assert server.stats()["timed_out"] == 1
+
+
+@pytest.mark.parametrize("async_val", MODES)
+def test_burst_of_300_simultaneous_connections_all_answered(async_val: bool) -> None:
+    with running(async_val=async_val) as server:
+        replies = fire(server.address, 300)
+    assert replies == [f"Requested: x{i}\r\n" for i in range(300)]
+
+
+def test_open_descriptors_return_to_baseline_after_good_and_bad_clients() -> None:
+    process = psutil.Process()
+    with running(Faulty, async_val=True, read_timeout=0.5 * UNIT, max_request_size=100) as server:
+        baseline = process.num_fds()
+        for round_ in range(3):
+            silent = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(10)]
+            for command in ("ok", "raise", "bytes"):
+                fire(server.address, 5, command)
+            raw_exchange(server.port, b"z" * 500)
+            raw_exchange(server.port, b"")
+            assert (
+                mpreqrep.do_request(server.address, f"round{round_}") == f"echo:round{round_}\r\n"
+            )
+            for sock in silent:
+                assert closed_by_server(sock)
+                sock.close()
+        assert wait_until(lambda: process.num_fds() <= baseline, 10 * UNIT), (
+            process.num_fds(),
+            baseline,
+        )

@@ -1,0 +1,199 @@
+"""The I/O loop with fakes: accept errors, back-pressure, deadlines."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+import threading
+from collections.abc import Iterator
+from concurrent.futures import Future
+
+import pytest
+
+import mpreqrep
+from mpreqrep._dispatch import Dispatcher
+from mpreqrep._ioloop import IOLoop
+
+from .conftest import UNIT, wait_until
+
+
+class FlakyListener:
+    """A listening socket whose first ``failures`` accepts raise ``error``."""
+
+    def __init__(self, error: int, failures: int) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0), backlog=64)
+        self.error = error
+        self.failures = failures
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def setblocking(self, flag: bool) -> None:
+        self.sock.setblocking(flag)
+
+    def accept(self) -> tuple[socket.socket, object]:
+        if self.failures:
+            self.failures -= 1
+            raise OSError(self.error, "injected")
+        return self.sock.accept()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class ManualDispatcher(Dispatcher):
+    """Hands out futures that the test completes by hand."""
+
+    def __init__(self) -> None:
+        self.futures: list[tuple[str, Future[str]]] = []
+
+    def submit(self, request: str) -> Future[str]:
+        future: Future[str] = Future()
+        self.futures.append((request, future))
+        return future
+
+
+@pytest.fixture
+def serving() -> Iterator[list[IOLoop]]:
+    """Run loops in threads; stop and join them afterwards."""
+    loops: list[IOLoop] = []
+    threads: list[threading.Thread] = []
+    yield loops
+    for loop in loops:
+        loop.request_stop()
+    for thread in threading.enumerate():
+        if thread.name.startswith("test-loop"):
+            threads.append(thread)
+    for thread in threads:
+        thread.join(10 * UNIT)
+        assert not thread.is_alive()
+
+
+def start_loop(
+    loops: list[IOLoop], listener: object, dispatcher: Dispatcher, **options: object
+) -> IOLoop:
+    settings: dict[str, object] = {
+        "read_timeout_s": 10 * UNIT,
+        "request_timeout_s": None,
+        "max_request_size": 1000,
+        "max_pending": None,
+    }
+    settings.update(options)
+    loop = IOLoop(listener, dispatcher, **settings)  # type: ignore[arg-type]
+    loops.append(loop)
+    threading.Thread(target=loop.serve, name=f"test-loop-{len(loops)}", daemon=True).start()
+    return loop
+
+
+@pytest.mark.parametrize("error", [errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM])
+def test_resource_errors_on_accept_back_off_and_recover(
+    serving: list[IOLoop], error: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    listener = FlakyListener(error, failures=3)
+    server = mpreqrep.RequestServer("localhost:0")  # only its echo handler is used
+    from mpreqrep._dispatch import InlineDispatcher
+
+    with caplog.at_level(logging.WARNING, logger="mpreqrep"):
+        start_loop(serving, listener, InlineDispatcher(server))
+        address = f"localhost:{listener.sock.getsockname()[1]}"
+        assert mpreqrep.do_request(address, "a", 10 * UNIT) == "Requested: a\r\n"
+    assert listener.failures == 0
+    assert sum("pausing accepts" in r.getMessage() for r in caplog.records) == 3
+    server.stop()
+    server.run()
+
+
+def test_aborted_accept_is_ignored(serving: list[IOLoop]) -> None:
+    from mpreqrep._dispatch import InlineDispatcher
+
+    listener = FlakyListener(errno.ECONNABORTED, failures=1)
+    server = mpreqrep.RequestServer("localhost:0")
+    start_loop(serving, listener, InlineDispatcher(server))
+    address = f"localhost:{listener.sock.getsockname()[1]}"
+    assert mpreqrep.do_request(address, "b", 10 * UNIT) == "Requested: b\r\n"
+    server.stop()
+    server.run()
+
+
+def test_max_pending_pauses_accepting_until_a_reply_is_written(serving: list[IOLoop]) -> None:
+    listener = socket.create_server(("127.0.0.1", 0), backlog=64)
+    dispatcher = ManualDispatcher()
+    loop = start_loop(serving, listener, dispatcher, max_pending=2)
+    address = f"localhost:{listener.getsockname()[1]}"
+    replies: dict[int, str | None] = {}
+    clients = [
+        threading.Thread(
+            target=lambda i=i: replies.__setitem__(
+                i, mpreqrep.do_request(address, f"r{i}", 20 * UNIT)
+            )
+        )
+        for i in range(4)
+    ]
+    for client in clients:
+        client.start()
+    assert wait_until(lambda: len(dispatcher.futures) == 2, 10 * UNIT)
+    assert not wait_until(lambda: len(dispatcher.futures) > 2, 0.3 * UNIT)
+    assert loop.counts()[0] == 2
+    dispatcher.futures[0][1].set_result("first")
+    assert wait_until(lambda: len(dispatcher.futures) == 3, 10 * UNIT)
+    for _, future in dispatcher.futures[1:]:
+        future.set_result("later")
+    assert wait_until(lambda: len(dispatcher.futures) == 4, 10 * UNIT)
+    dispatcher.futures[3][1].set_result("last")
+    for client in clients:
+        client.join(10 * UNIT)
+    assert sorted(replies.values()) == ["first\r\n", "last\r\n", "later\r\n", "later\r\n"]
+
+
+def test_replies_are_written_in_completion_order(serving: list[IOLoop]) -> None:
+    listener = socket.create_server(("127.0.0.1", 0), backlog=64)
+    dispatcher = ManualDispatcher()
+    start_loop(serving, listener, dispatcher)
+    address = f"localhost:{listener.getsockname()[1]}"
+    order: list[str] = []
+    clients = [
+        threading.Thread(
+            target=lambda i=i: order.append(str(mpreqrep.do_request(address, f"{i}", 20 * UNIT)))
+        )
+        for i in range(3)
+    ]
+    for client in clients:
+        client.start()
+    assert wait_until(lambda: len(dispatcher.futures) == 3, 10 * UNIT)
+    for request, future in reversed(sorted(dispatcher.futures)):
+        future.set_result("done " + request.strip())
+        assert wait_until(lambda r=request: f"done {r.strip()}\r\n" in order, 10 * UNIT)
+    for client in clients:
+        client.join(10 * UNIT)
+    assert order == ["done 2\r\n", "done 1\r\n", "done 0\r\n"]
+
+
+def test_large_reply_is_written_in_parts(serving: list[IOLoop]) -> None:
+    class Big(mpreqrep.RequestServer):
+        def handle_request(self, request: str) -> str:
+            return "b" * 5_000_000
+
+    with Big("localhost:0", async_val=True) as server:
+        reply = mpreqrep.do_request(server.address, "big", 30 * UNIT)
+    assert reply == "b" * 5_000_000 + "\r\n"
+
+
+def test_submit_failure_closes_that_connection_only(
+    serving: list[IOLoop], caplog: pytest.LogCaptureFixture
+) -> None:
+    class Refusing(ManualDispatcher):
+        def submit(self, request: str) -> Future[str]:
+            if request.startswith("refuse"):
+                raise RuntimeError("executor is shut down")
+            future: Future[str] = Future()
+            future.set_result("fine")
+            return future
+
+    listener = socket.create_server(("127.0.0.1", 0), backlog=64)
+    start_loop(serving, listener, Refusing())
+    address = f"localhost:{listener.getsockname()[1]}"
+    with caplog.at_level(logging.ERROR, logger="mpreqrep"):
+        assert mpreqrep.do_request(address, "refuse", 10 * UNIT) == ""
+    assert mpreqrep.do_request(address, "ok", 10 * UNIT) == "fine\r\n"
+    assert any("could not submit" in r.getMessage() for r in caplog.records)

@@ -1,0 +1,223 @@
+"""RequestServer in thread mode: life cycle, options, concurrency guarantees."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import pytest
+
+import mpreqrep
+
+from .conftest import UNIT, running, wait_until
+
+
+class OverlapCounter(mpreqrep.RequestServer):
+    """Records how many handlers ever ran at the same time."""
+
+    def __init__(self, address: str, **options: object) -> None:
+        super().__init__(address, **options)  # type: ignore[arg-type]
+        self.lock = threading.Lock()
+        self.active = 0
+        self.most_active = 0
+
+    def handle_request(self, request: str) -> str:
+        with self.lock:
+            self.active += 1
+            self.most_active = max(self.most_active, self.active)
+        time.sleep(0.01)  # hold the handler so overlaps would show
+        with self.lock:
+            self.active -= 1
+        return request
+
+
+class BarrierServer(mpreqrep.RequestServer):
+    """Every handler waits until two handlers are running at once."""
+
+    def __init__(self, address: str, **options: object) -> None:
+        super().__init__(address, **options)  # type: ignore[arg-type]
+        self.barrier = threading.Barrier(2, timeout=10 * UNIT)
+
+    def handle_request(self, request: str) -> str:
+        self.barrier.wait()
+        return "met"
+
+
+def fire(address: str, count: int, text: str = "x") -> list[str | None]:
+    """Send ``count`` requests at once, each from its own thread."""
+    replies: list[str | None] = [None] * count
+
+    def one(index: int) -> None:
+        replies[index] = mpreqrep.do_request(address, f"{text}{index}", timeout=30 * UNIT)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60 * UNIT)
+    return replies
+
+
+def test_binds_in_init_and_reports_the_real_port() -> None:
+    server = mpreqrep.RequestServer("localhost:0")
+    try:
+        assert server.port > 0
+        assert server.address == f"127.0.0.1:{server.port}"
+        assert server.daemon
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5 * UNIT):
+            pass  # listening before start(): the connection waits in the backlog
+    finally:
+        server.stop()
+        server.run()  # stop() before run(): run() closes the listener and returns
+
+
+def test_taken_port_raises_oserror_in_init() -> None:
+    with running() as server, pytest.raises(OSError):
+        mpreqrep.RequestServer(server.address)
+
+
+@pytest.mark.parametrize("address", ["itc://localhost:0", "localhost", "localhost:99999"])
+def test_bad_address_is_a_value_error(address: str) -> None:
+    with pytest.raises(ValueError):
+        mpreqrep.RequestServer(address)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"workers": 1, "executor": object()},
+        {"request_timeout": 0},
+        {"max_request_size": 0},
+        {"read_timeout": -1},
+        {"max_pending": 0},
+        {"max_threads": 0},
+    ],
+)
+def test_bad_options_are_value_errors(options: dict[str, object]) -> None:
+    with pytest.raises(ValueError):
+        mpreqrep.RequestServer("localhost:0", **options)  # type: ignore[arg-type]
+
+
+def test_unknown_keyword_is_a_type_error() -> None:
+    with pytest.raises(TypeError):
+        mpreqrep.RequestServer("localhost:0", asynch=True)  # type: ignore[call-arg]
+
+
+def test_default_handler_echoes_like_yoton() -> None:
+    with running() as server:
+        assert mpreqrep.do_request(server.address, "abc") == "Requested: abc\r\n"
+        assert mpreqrep.do_request(server.address, "wait") == "Requested: wait\r\n"
+
+
+def test_context_manager_starts_stops_and_joins() -> None:
+    with mpreqrep.RequestServer("localhost:0") as server:
+        assert server.is_alive()
+        assert mpreqrep.do_request(server.address, "in") == "Requested: in\r\n"
+    assert not server.is_alive()
+    with pytest.raises(mpreqrep.NoServerError):
+        mpreqrep.do_request(server.address, "after")
+
+
+def test_run_serves_in_the_calling_thread() -> None:
+    server = mpreqrep.RequestServer("localhost:0")
+    replies: list[str | None] = []
+
+    def client() -> None:
+        replies.append(mpreqrep.do_request(server.address, "r", timeout=10 * UNIT))
+        server.stop()
+
+    thread = threading.Thread(target=client)
+    thread.start()
+    server.run()
+    thread.join(10 * UNIT)
+    assert replies == ["Requested: r\r\n"]
+
+
+def test_stop_returns_at_once_and_join_answers_accepted_requests() -> None:
+    release = threading.Event()
+
+    class Held(mpreqrep.RequestServer):
+        def handle_request(self, request: str) -> str:
+            release.wait(10 * UNIT)
+            return "done"
+
+    with running(Held, async_val=True) as server:
+        replies: list[str | None] = []
+        client = threading.Thread(
+            target=lambda: replies.append(mpreqrep.do_request(server.address, "q", 20 * UNIT))
+        )
+        client.start()
+        assert wait_until(lambda: server.stats()["in_flight"] == 1, 10 * UNIT)
+        started = time.monotonic()
+        server.stop()
+        assert time.monotonic() - started < 1 * UNIT
+        assert server.is_alive()
+        release.set()
+        server.join(10 * UNIT)
+        client.join(10 * UNIT)
+    assert replies == ["done\r\n"]
+
+
+@pytest.mark.parametrize("keyword", ["async", "async_val"])
+def test_async_keyword_alias_runs_handlers_concurrently(keyword: str) -> None:
+    with running(BarrierServer, **{keyword: True}) as server:
+        assert fire(server.address, 2) == ["met\r\n", "met\r\n"]
+
+
+def test_sync_mode_never_overlaps_handlers() -> None:
+    with running(OverlapCounter) as server:
+        replies = fire(server.address, 20)
+        assert replies == [f"x{i}\r\n" for i in range(20)]
+        assert server.most_active == 1
+
+
+def test_async_mode_overlaps_handlers() -> None:
+    with running(OverlapCounter, async_val=True) as server:
+        fire(server.address, 20)
+        assert server.most_active > 1
+
+
+@pytest.mark.parametrize("async_val", [False, True])
+def test_a_silent_client_delays_nobody(async_val: bool) -> None:
+    with (
+        running(async_val=async_val, read_timeout=30 * UNIT) as server,
+        socket.create_connection(("127.0.0.1", server.port)),
+    ):
+        started = time.monotonic()
+        assert mpreqrep.do_request(server.address, "other", 10 * UNIT) == "Requested: other\r\n"
+        assert time.monotonic() - started < 2 * UNIT
+
+
+def test_verbose_prints_a_line_per_connection(capsys: pytest.CaptureFixture[str]) -> None:
+    with running(verbose=1) as server:
+        mpreqrep.do_request(server.address, "v")
+    assert capsys.readouterr().out.count("handling request from: ('127.0.0.1', ") == 1
+
+
+def test_stats_count_requests() -> None:
+    with running() as server:
+        assert server.stats()["served"] == 0
+        for _ in range(3):
+            mpreqrep.do_request(server.address, "s")
+        stats = server.stats()
+    assert stats["served"] == 3
+    assert stats["failed"] == stats["timed_out"] == stats["in_flight"] == 0
+    assert 0 < stats["latency_p50_s"] <= stats["latency_p99_s"]
+
+
+def test_server_copy_pickles_without_runtime() -> None:
+    import pickle
+
+    server = mpreqrep.RequestServer("localhost:0")
+    server.custom = [1, 2]  # type: ignore[attr-defined]
+    try:
+        copy = pickle.loads(pickle.dumps(server))
+        assert copy.custom == [1, 2]
+        assert copy.port == server.port
+        assert copy.handle_request("x") == "Requested: x"
+        with pytest.raises(RuntimeError):
+            copy.stop()
+    finally:
+        server.stop()
+        server.run()

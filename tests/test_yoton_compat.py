@@ -1,0 +1,123 @@
+"""The real yoton against mpreqrep, both directions, byte for byte."""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Iterator
+from types import ModuleType
+
+import pytest
+
+import mpreqrep
+
+from .conftest import UNIT, running
+
+REQUESTS = ["hello", "with crlf\r\n", "", "unicode é ✓", "two\r\nlines", "trailing\n"]
+
+
+@pytest.fixture
+def yoton_server(yoton: ModuleType) -> Iterator[str]:
+    """yoton's own RequestServer (sync mode) on an ephemeral port."""
+    server = yoton.RequestServer("localhost:0")
+    port = server._bsd_socket.getsockname()[1]
+    server.start()
+    try:
+        yield f"localhost:{port}"
+    finally:
+        server.stop()
+        server.join(10 * UNIT)
+
+
+def capture_client_bytes(send: object) -> bytes:
+    """Run a client call against a raw socket; return the bytes it sent until EOF."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    received: list[bytes] = []
+
+    def accept() -> None:
+        with listener, listener.accept()[0] as conn:
+            conn.settimeout(10 * UNIT)
+            chunks = []
+            while chunk := conn.recv(4096):
+                chunks.append(chunk)
+            received.append(b"".join(chunks))
+            conn.sendall(b"R\r\n")
+
+    thread = threading.Thread(target=accept)
+    thread.start()
+    send(f"localhost:{listener.getsockname()[1]}")  # type: ignore[operator]
+    thread.join(10 * UNIT)
+    return received[0]
+
+
+def capture_server_bytes(port: int, payload: bytes) -> bytes:
+    """Send raw bytes to a server, half-close, return every byte it sent."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10 * UNIT) as sock:
+        sock.sendall(payload)
+        sock.shutdown(socket.SHUT_WR)
+        chunks = []
+        while chunk := sock.recv(4096):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+@pytest.mark.parametrize("text", REQUESTS)
+def test_yoton_client_against_our_server(yoton: ModuleType, text: str) -> None:
+    with running() as server:
+        assert yoton.do_request(server.address, text, 10 * UNIT) == mpreqrep.do_request(
+            server.address, text
+        )
+
+
+@pytest.mark.parametrize("async_val", [False, True])
+def test_yoton_client_reply_matches_yoton_server(
+    yoton: ModuleType, yoton_server: str, async_val: bool
+) -> None:
+    with running(async_val=async_val) as server:
+        for text in REQUESTS:
+            ours = yoton.do_request(server.address, text, 10 * UNIT)
+            theirs = yoton.do_request(yoton_server, text, 10 * UNIT)
+            assert ours == theirs
+
+
+@pytest.mark.parametrize("text", REQUESTS)
+def test_our_client_against_yoton_server(yoton_server: str, text: str) -> None:
+    expected = "Requested: " + (text if text.endswith("\r\n") else text + "\r\n")
+    expected = expected[: expected.index("\r\n") + 2]
+    assert mpreqrep.do_request(yoton_server, text, 10 * UNIT) == expected
+
+
+@pytest.mark.parametrize("text", REQUESTS)
+def test_clients_send_the_same_bytes(yoton: ModuleType, text: str) -> None:
+    ours = capture_client_bytes(lambda address: mpreqrep.do_request(address, text, 10 * UNIT))
+    theirs = capture_client_bytes(lambda address: yoton.do_request(address, text, 10 * UNIT))
+    assert ours == theirs
+
+
+@pytest.mark.parametrize(
+    "payload", [b"hello\r\n", b"caf\xc3\xa9\r\n", b"bad\xff\r\n", b"a\r\nb\r\n", b"x\r\n"]
+)
+def test_servers_send_the_same_bytes(yoton_server: str, payload: bytes) -> None:
+    yoton_port = int(yoton_server.rsplit(":", 1)[1])
+    with running() as server:
+        assert capture_server_bytes(server.port, payload) == capture_server_bytes(
+            yoton_port, payload
+        )
+
+
+def test_drop_in_import_swap(yoton: ModuleType) -> None:
+    """Code written for yoton runs unchanged with the module swapped."""
+    for module in (yoton, mpreqrep):
+
+        class Upper(module.RequestServer):  # type: ignore[name-defined,misc]
+            def handle_request(self, request: str) -> str:
+                return request.upper()
+
+        server = Upper("localhost:0", async_val=False, verbose=0)
+        port = server._bsd_socket.getsockname()[1] if module is yoton else server.port
+        server.start()
+        try:
+            assert module.do_request(f"localhost:{port}", "swap", 10 * UNIT) == "SWAP\r\n"
+        finally:
+            server.stop()
+            server.join(10 * UNIT)
