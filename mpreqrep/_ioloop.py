@@ -157,6 +157,7 @@ class IOLoop:
         self._accept_paused_until = 0.0
         self._connections: set[_Connection] = set()
         self._in_flight: dict[Future[str], _Connection] = {}
+        self._queued: collections.deque[tuple[_Connection, str]] = collections.deque()
         self._completed: collections.deque[Future[str]] = collections.deque()
         self._read_deadlines = _Deadlines(READING, read_timeout_s)
         self._request_deadlines = _Deadlines(WAITING, request_timeout_s)
@@ -169,10 +170,10 @@ class IOLoop:
         self._stop_requested = True
         self._wake_nowait()
 
-    def counts(self) -> tuple[int, int]:
-        """How many requests are in flight and how many connections are still reading."""
-        in_flight = len(self._in_flight)
-        return in_flight, max(len(self._connections) - in_flight, 0)
+    def counts(self) -> tuple[int, int, int]:
+        """Requests in flight, requests queued for room, connections still reading."""
+        in_flight, queued = len(self._in_flight), len(self._queued)
+        return in_flight, queued, max(len(self._connections) - in_flight - queued, 0)
 
     # -- the loop ---------------------------------------------------------------------
 
@@ -231,8 +232,7 @@ class IOLoop:
             return
         if self._accept_paused_until and time.monotonic() >= self._accept_paused_until:
             self._accept_paused_until = 0.0
-        has_room = self._max_pending is None or len(self._in_flight) < self._max_pending
-        should_accept = has_room and not self._accept_paused_until
+        should_accept = self._has_room(len(self._queued)) and not self._accept_paused_until
         if should_accept != self._accepting:
             if should_accept:
                 self._selector.register(self._listener, selectors.EVENT_READ, self._accept_batch)
@@ -251,8 +251,12 @@ class IOLoop:
                 self._on_accept_error(exc)
                 return
             self._open(sock, peer)
-            if self._max_pending is not None and len(self._in_flight) >= self._max_pending:
+            if not self._has_room(len(self._queued)):
                 return
+
+    def _has_room(self, extra: int = 0) -> bool:
+        """Whether ``extra`` more requests fit under ``max_pending``."""
+        return self._max_pending is None or len(self._in_flight) + extra < self._max_pending
 
     def _on_accept_error(self, exc: OSError) -> None:
         """Back off on resource exhaustion; ignore a peer that gave up (ECONNABORTED)."""
@@ -308,9 +312,25 @@ class IOLoop:
     # -- handling -----------------------------------------------------------------------
 
     def _submit(self, conn: _Connection, request: str) -> None:
-        """Hand the request to the dispatcher; reply now if it is already done."""
+        """Start the request's wait: dispatch it now, or queue it while the
+        dispatcher holds ``max_pending`` requests."""
         self._unwatch(conn)
         conn.phase = WAITING
+        self._request_deadlines.schedule(conn, time.monotonic())
+        if self._queued or not self._has_room():
+            self._queued.append((conn, request))
+        else:
+            self._dispatch(conn, request)
+
+    def _dispatch_queued(self) -> None:
+        """Dispatch queued requests while there is room (skipping timed-out ones)."""
+        while self._queued and self._has_room():
+            conn, request = self._queued.popleft()
+            if conn.phase == WAITING:
+                self._dispatch(conn, request)
+
+    def _dispatch(self, conn: _Connection, request: str) -> None:
+        """Hand the request to the dispatcher; reply now if it is already done."""
         try:
             future = self._dispatcher.submit(request)
         except Exception:
@@ -323,7 +343,6 @@ class IOLoop:
             return
         conn.future = future
         self._in_flight[future] = conn
-        self._request_deadlines.schedule(conn, time.monotonic())
         future.add_done_callback(self._on_future_done)
 
     def _on_future_done(self, future: Future[str]) -> None:
@@ -341,6 +360,7 @@ class IOLoop:
             conn = self._in_flight.pop(completed.popleft(), None)
             if conn is not None:
                 self._reply(conn, conn.future)  # type: ignore[arg-type]
+        self._dispatch_queued()
 
     # -- replying -----------------------------------------------------------------------
 

@@ -191,8 +191,8 @@ class RequestServer(threading.Thread):
         runtime = self._require_runtime()
         if runtime.loop is None or runtime.dispatcher is None:
             return {}
-        in_flight, reading = runtime.loop.counts()
-        figures = runtime.loop.stats.snapshot(in_flight=in_flight, reading=reading)
+        in_flight, queued, reading = runtime.loop.counts()
+        figures = runtime.loop.stats.snapshot(in_flight=in_flight, queued=queued, reading=reading)
         figures.update(runtime.dispatcher.stats())
         return figures
 

@@ -29,7 +29,7 @@ class ServerStats:
         self.served += 1
         self._latencies_s.append(latency_s)
 
-    def snapshot(self, *, in_flight: int, reading: int) -> dict[str, Any]:
+    def snapshot(self, *, in_flight: int, queued: int, reading: int) -> dict[str, Any]:
         """The figures as a plain dict (latencies over the last replies)."""
         latencies = sorted(self._latencies_s)
         return {
@@ -38,6 +38,7 @@ class ServerStats:
             "timed_out": self.timed_out,
             "dropped": self.dropped,
             "in_flight": in_flight,
+            "queued": queued,
             "reading": reading,
             "latency_p50_s": _percentile(latencies, 0.50),
             "latency_p99_s": _percentile(latencies, 0.99),

@@ -200,6 +200,8 @@ def test_stats_count_requests() -> None:
         assert server.stats()["served"] == 0
         for _ in range(3):
             mpreqrep.do_request(server.address, "s")
+        # The client may read its reply before the I/O thread counts it.
+        assert wait_until(lambda: server.stats()["served"] == 3, 10 * UNIT)
         stats = server.stats()
     assert stats["served"] == 3
     assert stats["failed"] == stats["timed_out"] == stats["in_flight"] == 0

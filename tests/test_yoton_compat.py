@@ -11,7 +11,7 @@ import pytest
 
 import mpreqrep
 
-from .conftest import UNIT, running
+from .conftest import UNIT, running, wait_until
 
 REQUESTS = ["hello", "with crlf\r\n", "", "unicode é ✓", "two\r\nlines", "trailing\n"]
 
@@ -23,10 +23,23 @@ def yoton_server(yoton: ModuleType) -> Iterator[str]:
     port = server._bsd_socket.getsockname()[1]
     server.start()
     try:
+        wait_for_yoton(yoton, f"localhost:{port}")
         yield f"localhost:{port}"
     finally:
         server.stop()
         server.join(10 * UNIT)
+
+
+def wait_for_yoton(yoton: ModuleType, address: str) -> None:
+    """yoton's server listens only once its thread runs: poll until it answers."""
+
+    def answers() -> bool:
+        try:
+            return bool(yoton.do_request(address, "ready?", 5 * UNIT))
+        except RuntimeError:
+            return False
+
+    assert wait_until(answers, 20 * UNIT), "yoton server never answered"
 
 
 def capture_client_bytes(send: object) -> bytes:
@@ -117,6 +130,7 @@ def test_drop_in_import_swap(yoton: ModuleType) -> None:
         port = server._bsd_socket.getsockname()[1] if module is yoton else server.port
         server.start()
         try:
+            wait_for_yoton(yoton, f"localhost:{port}")
             assert module.do_request(f"localhost:{port}", "swap", 10 * UNIT) == "SWAP\r\n"
         finally:
             server.stop()
