@@ -1,0 +1,158 @@
+"""Process mode over real sockets: a loky pool behind the acceptor."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+from pathlib import Path
+
+import psutil
+import pytest
+
+import mpreqrep
+
+from .conftest import UNIT, running, wait_until
+from .process_handlers import PidServer
+from .test_server import fire
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def pid_of(reply: str | None) -> int:
+    assert reply, f"no reply: {reply!r}"
+    return int(reply.split()[1])
+
+
+def children() -> set[int]:
+    return {child.pid for child in psutil.Process().children(recursive=True)}
+
+
+def test_handlers_run_in_other_processes_one_pid_per_worker() -> None:
+    with running(PidServer, workers=2) as server:
+        replies = fire(server.address, 40, "n")
+        pids = {pid_of(reply) for reply in replies}
+        assert os.getpid() not in pids
+        assert len(pids) == 2
+        assert pids <= children()
+        assert all(reply.startswith("pid ") for reply in replies)  # type: ignore[union-attr]
+
+
+def test_workers_auto_uses_physical_cores() -> None:
+    expected = psutil.cpu_count(logical=False) or psutil.cpu_count() or 1
+    with running(PidServer, workers="auto") as server:
+        assert len(server.stats()["workers"]) == expected
+
+
+@pytest.mark.parametrize("workers", [0, -1, "many", 1.5])
+def test_bad_worker_counts_are_value_errors(workers: object) -> None:
+    with pytest.raises(ValueError):
+        mpreqrep.RequestServer("localhost:0", workers=workers)  # type: ignore[arg-type]
+
+
+def test_subclass_defined_in_a_main_script_works(tmp_path: Path) -> None:
+    script = tmp_path / "user_script.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import os, sys
+            import mpreqrep
+
+            class Shout(mpreqrep.RequestServer):
+                def __init__(self, address, **options):
+                    super().__init__(address, **options)
+                    self.suffix = "!"
+
+                def handle_request(self, request):
+                    return request.strip().upper() + self.suffix + str(os.getpid() != PARENT)
+
+            PARENT = os.getpid()
+            if __name__ == "__main__":
+                with Shout("localhost:0", workers=1) as server:
+                    print(mpreqrep.do_request(server.address, "hey", timeout=60), end="")
+            """
+        )
+    )
+    result = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=90 * UNIT
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "HEY!True\r\n"
+
+
+def test_one_poison_request_among_64_costs_only_its_own_reply() -> None:
+    with running(PidServer, workers=2) as server:
+        replies: list[str | None] = [None] * 64
+        commands = ["sleep 0.02"] * 64
+        commands[20] = "exit"
+
+        def one(index: int) -> None:
+            replies[index] = mpreqrep.do_request(server.address, commands[index], 60 * UNIT)
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(64)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(90 * UNIT)
+        assert replies[20] == ""
+        others = replies[:20] + replies[21:]
+        assert all(reply and reply.endswith(" sleep 0.02\r\n") for reply in others), others
+        assert mpreqrep.do_request(server.address, "after", 30 * UNIT).endswith("after\r\n")  # type: ignore[union-attr]
+        assert server.stats()["crashed"] == 1
+
+
+def test_request_timeout_kills_the_worker_and_others_go_on() -> None:
+    with running(PidServer, workers=2, request_timeout=1.0 * UNIT) as server:
+        before = {pid_of(reply) for reply in fire(server.address, 10, "w")}
+        hung: list[str | None] = []
+        thread = threading.Thread(
+            target=lambda: hung.append(mpreqrep.do_request(server.address, "hang", 60 * UNIT))
+        )
+        thread.start()
+        assert wait_until(lambda: server.stats()["in_flight"] == 1, 10 * UNIT)
+        assert mpreqrep.do_request(server.address, "beside", 30 * UNIT).endswith("beside\r\n")  # type: ignore[union-attr]
+        thread.join(30 * UNIT)
+        assert hung == [""]
+        assert wait_until(lambda: server.stats()["timed_out"] >= 1, 10 * UNIT)
+        after = {pid_of(reply) for reply in fire(server.address, 10, "w")}
+        assert before != after or len(after) == 2
+        assert len(before - children()) >= 1  # the hung worker is gone
+
+
+def test_stop_drains_in_flight_requests_and_leaves_no_child() -> None:
+    before = children()
+    server = PidServer("localhost:0", workers=2)
+    server.start()
+    replies: list[str | None] = []
+    thread = threading.Thread(
+        target=lambda: replies.append(mpreqrep.do_request(server.address, "sleep 0.5", 60 * UNIT))
+    )
+    thread.start()
+    assert wait_until(lambda: server.stats()["in_flight"] == 1, 10 * UNIT)
+    server.stop()
+    server.join(60 * UNIT)
+    thread.join(10 * UNIT)
+    assert replies and replies[0].endswith("sleep 0.5\r\n")  # type: ignore[union-attr]
+    assert wait_until(lambda: children() <= before, 20 * UNIT), children() - before
+
+
+def test_stats_report_each_worker() -> None:
+    with running(PidServer, workers=2) as server:
+        fire(server.address, 20, "s")
+        assert wait_until(lambda: server.stats()["served"] == 20, 10 * UNIT)
+        workers = server.stats()["workers"]
+    assert len(workers) == 2
+    assert sum(worker["served"] for worker in workers) >= 20
+    assert all(worker["rss"] > 0 and worker["pid"] > 0 for worker in workers)
+
+
+@pytest.mark.parametrize("command", ["raise", "bytes"])
+def test_handler_failure_in_a_worker_closes_without_reply(command: str) -> None:
+    from .test_faults import Faulty
+
+    with running(Faulty, workers=1) as server:
+        assert mpreqrep.do_request(server.address, command, 30 * UNIT) == ""
+        assert mpreqrep.do_request(server.address, "next", 30 * UNIT) == "echo:next\r\n"
+        assert server.stats()["failed"] == 1
