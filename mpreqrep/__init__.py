@@ -1,11 +1,13 @@
 """mpreqrep: yoton's request-reply over TCP, with handlers on every core.
 
 Public API: :func:`do_request`, :class:`RequestServer`, :func:`split_address`,
-:func:`port_hash`, :class:`NoServerError`.
+:func:`port_hash`, :class:`NoServerError`, and :func:`do_request_async` for
+asyncio programs.
 """
 
 from __future__ import annotations
 
+from ._aclient import do_request_async
 from ._address import port_hash, split_address
 from ._client import do_request
 from ._errors import NoServerError
@@ -18,6 +20,7 @@ __all__ = [
     "RequestServer",
     "__version__",
     "do_request",
+    "do_request_async",
     "port_hash",
     "split_address",
 ]

@@ -1,0 +1,102 @@
+"""The awaitable client: :func:`do_request_async` for asyncio programs.
+
+Speaks the same wire protocol as :func:`mpreqrep.do_request` (SPEC sections 1
+and 3) over asyncio streams, so an event loop can keep many requests in
+flight without a thread each. Framing and address parsing are shared with the
+blocking client; this module only owns the asyncio I/O. It knows nothing of
+the server, threads or processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+from ._address import split_address
+from ._errors import NoServerError
+from ._framing import LineReceiver, encode_message
+
+RECV_CHUNK_SIZE = 65536
+
+
+async def do_request_async(address: str, request: str, timeout: float | None = -1) -> str | None:
+    """Send one request and await its reply, without blocking the event loop.
+
+    The awaitable twin of :func:`mpreqrep.do_request`, with the same results
+    and errors. Each call opens and closes its own connection, so concurrent
+    calls from one loop are safe; cancelling the awaiting task closes that
+    connection and propagates :class:`asyncio.CancelledError`.
+
+    Args:
+        address: ``"[protocol://]host:port"``, as for :func:`mpreqrep.split_address`.
+        request: the request text; CRLF is appended unless it ends with one.
+        timeout: seconds allowed for connecting, sending and receiving the
+            whole reply; ``None`` or ``<= 0`` waits as long as it takes.
+
+    Returns:
+        The reply up to and including its first CRLF (or up to EOF);
+        ``""`` if the server closed without replying; ``None`` if no
+        complete reply came within ``timeout``.
+
+    Raises:
+        ValueError: a malformed address, or ``request`` is not a ``str``.
+        NoServerError: nobody is listening at the address.
+    """
+    _, host, port = split_address(address)
+    if not isinstance(request, str):
+        raise ValueError("request should be a string.")
+    exchange = _exchange(host, port, encode_message(request))
+    if timeout is None or timeout <= 0:
+        return await exchange
+    try:
+        return await asyncio.wait_for(exchange, timeout)
+    except asyncio.TimeoutError:
+        return None
+
+
+async def _exchange(host: str, port: int, payload: bytes) -> str:
+    """Connect, send the payload, half-close, and read the reply."""
+    reader, writer = await _connect(host, port)
+    try:
+        await _send(writer, payload)
+        return await _receive(reader)
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+
+
+async def _connect(host: str, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """Open the connection, turning any failure into :class:`NoServerError`."""
+    try:
+        return await asyncio.open_connection(host, port)
+    except OSError as exc:
+        raise NoServerError(f"No server is listening at {host}:{port}.") from exc
+
+
+async def _send(writer: asyncio.StreamWriter, payload: bytes) -> None:
+    """Write the request and shut down the write side (SPEC section 1, step 1).
+
+    A server that hangs up early (say, on an oversized request) may reset the
+    connection; that is not an error here, since the reply, or its absence,
+    is read next.
+    """
+    with contextlib.suppress(ConnectionError):
+        writer.write(payload)
+        await writer.drain()
+        writer.write_eof()
+
+
+async def _receive(reader: asyncio.StreamReader) -> str:
+    """Read until the first CRLF or EOF; a reset counts as EOF."""
+    receiver = LineReceiver()
+    while True:
+        try:
+            data = await reader.read(RECV_CHUNK_SIZE)
+        except ConnectionError:
+            data = b""
+        if not data:
+            return receiver.receive_eof()
+        reply = receiver.receive_data(data)
+        if reply is not None:
+            return reply

@@ -1,0 +1,449 @@
+"""The ``mpreqrep`` command line: ``serve`` a server class, send a ``request``.
+
+Uses only the public API. Owns argument parsing, importing the user's
+``MODULE:CLASS``, logging set-up, signal handling and exit codes; knows
+nothing of sockets, framing or pools. Bad input becomes one line on stderr
+and a non-zero exit code, never a traceback.
+
+``serve`` runs the server in a thread and waits in the main thread, where
+signal handlers run::
+
+    SIGINT / SIGTERM ─(handler)─▶ events ◀─ runner thread: server.run() returned
+                                    │
+    main thread: events.get(timeout=stats interval) ─▶ on timeout: one stats line
+        1st signal ─▶ server.stop(); join the runner (drains) ─▶ exit 0
+        2nd signal (in the handler) ─▶ terminate pool workers, exit 128 + signum
+
+The events queue is a :class:`queue.SimpleQueue`, whose ``put`` may be called
+from a signal handler without deadlocking.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import logging
+import multiprocessing
+import os
+import queue
+import re
+import signal
+import sys
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from decimal import Decimal
+from types import FrameType, ModuleType
+from typing import Any, NoReturn
+
+from . import NoServerError, RequestServer, __version__, do_request, split_address
+
+logger = logging.getLogger("mpreqrep")
+
+PROG = "mpreqrep"
+DEFAULT_ADDRESS = "localhost:mpreqrep"
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+TRACEBACK_HINT = " (--log-level DEBUG logs the traceback)"
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_NO_SERVER = 3
+EXIT_TIMEOUT = 4
+EXIT_EMPTY_REPLY = 5
+EXIT_SIGNAL_BASE = 128
+
+SIZE_MULTIPLIERS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+_SIZE_PATTERN = re.compile(r"(\d+(?:\.\d*)?)\s*([KMGT]?)(?:I?B)?", re.IGNORECASE)
+_SHUTDOWN_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class CliError(Exception):
+    """A problem reported as one line on stderr, ending the command.
+
+    Args:
+        message: what went wrong, on one line.
+        exit_code: the process exit code to return.
+    """
+
+    def __init__(self, message: str, exit_code: int = EXIT_USAGE) -> None:
+        super().__init__(message)
+        self.message = message
+        self.exit_code = exit_code
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line, not usage plus error."""
+
+    def error(self, message: str) -> NoReturn:
+        """Raise :class:`CliError` instead of printing usage and exiting."""
+        raise CliError(f"{message} (see '{self.prog} --help')")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the ``mpreqrep`` command line.
+
+    Args:
+        argv: the arguments after the program name; ``sys.argv[1:]`` if
+            ``None``.
+
+    Returns:
+        The exit code: 0 success, 1 the server failed, 2 bad usage, 3 no
+        server listening, 4 timeout, 5 empty reply, 130 interrupted
+        (see the ``EXIT_*`` constants).
+    """
+    try:
+        args = _build_parser().parse_args(argv)
+        command: Callable[[argparse.Namespace], int] = args.command
+        return command(args)
+    except CliError as exc:
+        print(f"{PROG}: error: {exc.message}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return EXIT_SIGNAL_BASE + signal.SIGINT
+
+
+# -- parsing ------------------------------------------------------------------------------
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    """The parser with its ``serve`` and ``request`` subcommands."""
+    parser = _ArgumentParser(
+        prog=PROG, description="Serve and query yoton-compatible request-reply servers."
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
+    _add_serve_command(commands)
+    _add_request_command(commands)
+    return parser
+
+
+def _add_serve_command(commands: argparse._SubParsersAction[_ArgumentParser]) -> None:
+    """Define ``mpreqrep serve MODULE:CLASS [options]``."""
+    serve = commands.add_parser(
+        "serve",
+        help="serve a RequestServer subclass until SIGINT or SIGTERM",
+        description="Serve MODULE:CLASS, a RequestServer subclass imported with the "
+        "current directory on sys.path. SIGINT or SIGTERM drains in-flight requests "
+        "and exits 0; a second signal exits at once.",
+    )
+    serve.add_argument("target", metavar="MODULE:CLASS", help="e.g. workers.primes:PrimeServer")
+    serve.add_argument(
+        "--address",
+        type=address_argument,
+        default=DEFAULT_ADDRESS,
+        help="[tcp://]host:port to listen at; port 0 picks a free one "
+        f"(default: {DEFAULT_ADDRESS})",
+    )
+    serve.add_argument(
+        "--workers",
+        type=worker_count_argument,
+        metavar="N|auto",
+        help="run handlers on a pool of N processes ('auto': one per physical core); "
+        "default: thread mode",
+    )
+    serve.add_argument(
+        "--async",
+        dest="async_val",
+        action="store_true",
+        help="thread mode: run handlers concurrently on threads",
+    )
+    serve.add_argument(
+        "--request-timeout",
+        type=positive_seconds_argument,
+        metavar="S",
+        help="drop a request whose handler runs longer than S seconds",
+    )
+    serve.add_argument(
+        "--max-worker-memory",
+        type=size_argument,
+        metavar="SIZE",
+        help="recycle a worker whose memory exceeds SIZE (bytes, or e.g. 512M, 2G)",
+    )
+    serve.add_argument(
+        "--log-level", type=str.upper, choices=LOG_LEVELS, default="INFO", help="default: INFO"
+    )
+    serve.add_argument(
+        "--stats-interval",
+        type=positive_seconds_argument,
+        metavar="S",
+        help="log a one-line stats summary every S seconds",
+    )
+    serve.set_defaults(command=_serve)
+
+
+def _add_request_command(commands: argparse._SubParsersAction[_ArgumentParser]) -> None:
+    """Define ``mpreqrep request ADDRESS TEXT [--timeout S]``."""
+    request = commands.add_parser(
+        "request",
+        help="send one request and print the reply",
+        description="Send TEXT to the server at ADDRESS and print its reply. Exit codes: "
+        f"{EXIT_NO_SERVER} no server listening, {EXIT_TIMEOUT} no reply within the "
+        f"timeout, {EXIT_EMPTY_REPLY} connection closed without a reply.",
+    )
+    request.add_argument("address", type=address_argument, metavar="ADDRESS")
+    request.add_argument("text", metavar="TEXT", help="the request; CRLF is appended")
+    request.add_argument(
+        "--timeout",
+        type=positive_seconds_argument,
+        metavar="S",
+        help="give up after S seconds (default: wait as long as it takes)",
+    )
+    request.set_defaults(command=_request)
+
+
+def address_argument(text: str) -> str:
+    """Check an address with :func:`split_address`; return it unchanged.
+
+    Raises:
+        argparse.ArgumentTypeError: the address is malformed.
+    """
+    try:
+        split_address(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"invalid address {text!r}: {exc}") from exc
+    return text
+
+
+def worker_count_argument(text: str) -> int | str:
+    """Parse ``--workers``: ``"auto"`` or an integer of at least 1.
+
+    Raises:
+        argparse.ArgumentTypeError: anything else.
+    """
+    if text.lower() == "auto":
+        return "auto"
+    with contextlib.suppress(ValueError):
+        if int(text) >= 1:
+            return int(text)
+    raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', not {text!r}")
+
+
+def positive_seconds_argument(text: str) -> float:
+    """Parse a positive number of seconds.
+
+    Raises:
+        argparse.ArgumentTypeError: not a number, or not above zero.
+    """
+    with contextlib.suppress(ValueError):
+        if float(text) > 0:
+            return float(text)
+    raise argparse.ArgumentTypeError(f"expected a positive number of seconds, not {text!r}")
+
+
+def size_argument(text: str) -> int:
+    """Parse a byte size: ``1048576``, ``512K``, ``512M``, ``2G``, ``1.5GiB``.
+
+    The suffixes K, M, G and T are powers of 1024, in either case; a
+    trailing ``B`` or ``iB`` is allowed.
+
+    Raises:
+        argparse.ArgumentTypeError: not a size, or zero.
+    """
+    match = _SIZE_PATTERN.fullmatch(text.strip())
+    size = 0
+    if match:
+        number, unit = match.groups()
+        size = int(Decimal(number) * SIZE_MULTIPLIERS[unit.upper()])
+    if size < 1:
+        raise argparse.ArgumentTypeError(
+            f"expected a size such as 512M, 2G or a number of bytes, not {text!r}"
+        )
+    return size
+
+
+# -- request ------------------------------------------------------------------------------
+
+
+def _request(args: argparse.Namespace) -> int:
+    """Send one request, print the reply without its CRLF, and map failures to exit codes."""
+    try:
+        reply = do_request(args.address, args.text, timeout=args.timeout)
+    except NoServerError as exc:
+        raise CliError(f"no server is listening at {args.address}", EXIT_NO_SERVER) from exc
+    if reply is None:
+        raise CliError(f"no reply from {args.address} within {args.timeout} s", EXIT_TIMEOUT)
+    if not reply:
+        raise CliError(f"{args.address} closed the connection without replying", EXIT_EMPTY_REPLY)
+    print(reply.removesuffix("\r\n"))
+    return EXIT_OK
+
+
+# -- serve --------------------------------------------------------------------------------
+
+
+def _serve(args: argparse.Namespace) -> int:
+    """Import the server class, bind, announce the address, and serve until a signal."""
+    logging.basicConfig(level=args.log_level, format=LOG_FORMAT)
+    server = _create_server(load_server_class(args.target), args)
+    print(f"{PROG}: serving {args.target} at {server.address}", flush=True)
+    return _Supervisor(server, stats_interval_s=args.stats_interval).serve_until_stopped()
+
+
+def load_server_class(target: str) -> type[RequestServer]:
+    """Import ``MODULE:CLASS`` with the current directory on ``sys.path``.
+
+    Args:
+        target: ``"package.module:ClassName"``.
+
+    Returns:
+        The class, a :class:`RequestServer` subclass.
+
+    Raises:
+        CliError: a malformed target, a module that fails to import, a
+            missing name, or a name that is not a ``RequestServer`` subclass.
+    """
+    module_name, _, class_name = target.partition(":")
+    if not module_name or not class_name:
+        raise CliError(f"expected MODULE:CLASS such as workers.echo:EchoServer, not {target!r}")
+    module = _import_module(module_name)
+    if not hasattr(module, class_name):
+        raise CliError(f"module {module_name!r} has no attribute {class_name!r}")
+    server_class = getattr(module, class_name)
+    if not (isinstance(server_class, type) and issubclass(server_class, RequestServer)):
+        raise CliError(f"{target!r} is not a RequestServer subclass")
+    return server_class
+
+
+def _import_module(name: str) -> ModuleType:
+    """Import a module as gunicorn does, from the current directory first."""
+    cwd = os.getcwd()
+    if cwd not in sys.path:
+        sys.path.insert(0, cwd)
+    try:
+        return importlib.import_module(name)
+    except Exception as exc:
+        logger.debug("importing %r failed", name, exc_info=True)
+        hint = "" if isinstance(exc, ImportError) else TRACEBACK_HINT
+        raise CliError(f"cannot import module {name!r}: {_one_line(exc)}{hint}") from exc
+
+
+def _create_server(server_class: type[RequestServer], args: argparse.Namespace) -> RequestServer:
+    """Build the server, passing only the options given, so narrower subclasses work."""
+    options: dict[str, Any] = {
+        "workers": args.workers,
+        "request_timeout": args.request_timeout,
+        "max_worker_memory": args.max_worker_memory,
+    }
+    if args.async_val:
+        options["async_val"] = True
+    try:
+        return server_class(
+            args.address, **{key: value for key, value in options.items() if value is not None}
+        )
+    except OSError as exc:
+        raise CliError(f"cannot listen at {args.address}: {_one_line(exc)}", EXIT_ERROR) from exc
+    except (TypeError, ValueError) as exc:
+        raise CliError(f"cannot create {args.target}: {_one_line(exc)}") from exc
+
+
+def _one_line(exc: BaseException) -> str:
+    """``"Type: message"`` on a single line."""
+    return " ".join(f"{type(exc).__name__}: {exc}".split())
+
+
+class _Supervisor:
+    """Serves in a runner thread; turns signals into a drain or a forced exit.
+
+    Args:
+        server: a bound server that has not been started.
+        stats_interval_s: seconds between stats lines; ``None`` for none.
+    """
+
+    def __init__(self, server: RequestServer, *, stats_interval_s: float | None) -> None:
+        self._server = server
+        self._stats_interval_s = stats_interval_s
+        self._events: queue.SimpleQueue[int | None] = queue.SimpleQueue()
+        self._signalled = False
+        self._failure: Exception | None = None
+
+    def serve_until_stopped(self) -> int:
+        """Serve until a signal or a server failure, then drain.
+
+        Returns:
+            ``EXIT_OK`` once the server has stopped and drained.
+
+        Raises:
+            CliError: the server failed (``EXIT_ERROR``).
+        """
+        runner = threading.Thread(target=self._run_server, name="mpreqrep-cli-server")
+        with _signal_handlers(self._on_signal):
+            runner.start()
+            signum = self._wait_for_event()
+            if signum is not None:
+                logger.info(
+                    "received %s: draining in-flight requests (again to exit at once)",
+                    signal.Signals(signum).name,
+                )
+            self._server.stop()
+            runner.join()
+        if self._failure is not None:
+            raise CliError(f"server failed: {_one_line(self._failure)}{TRACEBACK_HINT}", EXIT_ERROR)
+        return EXIT_OK
+
+    def _run_server(self) -> None:
+        """The runner thread: serve, record a failure, and report the end."""
+        try:
+            self._server.run()
+        except Exception as exc:
+            logger.debug("the server failed", exc_info=True)
+            self._failure = exc
+        finally:
+            self._events.put(None)
+
+    def _wait_for_event(self) -> int | None:
+        """Wait for a signal number, or ``None`` when the server ended; log stats meanwhile."""
+        while True:
+            try:
+                return self._events.get(timeout=self._stats_interval_s)
+            except queue.Empty:
+                logger.info("stats %s", format_stats(self._server.stats()))
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        """Signal handler: the first signal asks for a drain, the second exits now."""
+        if self._signalled:
+            _exit_now(signum)
+        self._signalled = True
+        self._events.put(signum)
+
+
+@contextlib.contextmanager
+def _signal_handlers(handler: Callable[[int, FrameType | None], None]) -> Iterator[None]:
+    """Install ``handler`` for SIGINT and SIGTERM; restore the previous handlers after."""
+    previous = {signum: signal.signal(signum, handler) for signum in _SHUTDOWN_SIGNALS}
+    try:
+        yield
+    finally:
+        for signum, old_handler in previous.items():
+            signal.signal(signum, old_handler)
+
+
+def _exit_now(signum: int) -> NoReturn:
+    """Exit without draining, terminating the worker processes so none outlive us."""
+    with contextlib.suppress(OSError):
+        name = signal.Signals(signum).name
+        os.write(sys.stderr.fileno(), f"{PROG}: second {name}: exiting now\n".encode())
+    for child in multiprocessing.active_children():
+        child.terminate()
+    os._exit(EXIT_SIGNAL_BASE + signum)
+
+
+def format_stats(stats: Mapping[str, object]) -> str:
+    """Render :meth:`RequestServer.stats` as ``key=value`` pairs on one line.
+
+    Floats get 4 significant digits, ``None`` becomes ``-`` and collections
+    (such as the per-worker list) are shown by their length.
+    """
+    return " ".join(f"{key}={_format_stat(value)}" for key, value in stats.items())
+
+
+def _format_stat(value: object) -> str:
+    """One stats value, compactly."""
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (list, tuple, dict)):
+        return str(len(value))
+    return str(value)
