@@ -98,6 +98,10 @@ class InlineDispatcher(Dispatcher):
 class ExecutorDispatcher(Dispatcher):
     """Submits ``run_handler(server, request)`` to a ``concurrent.futures.Executor``.
 
+    Meant for executors in this process (thread pools): they run the server
+    object itself, so nothing is copied. Executors in other processes go
+    through ``_remote.RemoteDispatcher``, which sends each worker one copy.
+
     Args:
         executor: the executor to submit to.
         handler: the server object handed to every call.

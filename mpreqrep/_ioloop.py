@@ -32,7 +32,7 @@ import selectors
 import socket
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import CancelledError, Future
 
 from ._dispatch import Dispatcher
 from ._errors import RequestTooLargeError
@@ -365,8 +365,9 @@ class IOLoop:
     # -- replying -----------------------------------------------------------------------
 
     def _reply(self, conn: _Connection, future: Future[str]) -> None:
-        """Start writing the reply, or close with none if the handler failed."""
-        exc = future.exception()
+        """Start writing the reply, or close with none if the handler failed
+        (or its future was cancelled, say by an executor shut down under it)."""
+        exc = CancelledError() if future.cancelled() else future.exception()
         if exc is not None:
             self.stats.failed += 1
             logger.error("handle_request failed for %s", conn.peer, exc_info=exc)

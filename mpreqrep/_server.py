@@ -22,7 +22,7 @@ from types import TracebackType
 from typing import Any
 
 from ._address import split_address
-from ._dispatch import Dispatcher, ExecutorDispatcher, InlineDispatcher, thread_dispatcher
+from ._dispatch import Dispatcher, InlineDispatcher, thread_dispatcher
 from ._ioloop import IOLoop
 
 logger = logging.getLogger("mpreqrep")
@@ -284,7 +284,9 @@ def _make_dispatcher(
 ) -> Dispatcher:
     """Pick how ``handle_request`` runs: the one place where the modes differ."""
     if executor is not None:
-        return ExecutorDispatcher(executor, server, owned=False)
+        from ._remote import executor_dispatcher
+
+        return executor_dispatcher(executor, server)
     if options.workers is not None:
         from ._pool import ProcessPoolDispatcher, resolve_worker_count
 

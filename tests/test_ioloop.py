@@ -198,3 +198,30 @@ def test_submit_failure_closes_that_connection_only(
         assert mpreqrep.do_request(address, "refuse", 10 * UNIT) == ""
     assert mpreqrep.do_request(address, "ok", 10 * UNIT) == "fine\r\n"
     assert any("could not submit" in r.getMessage() for r in caplog.records)
+
+
+def test_cancelled_future_closes_that_connection_and_serving_goes_on(
+    serving: list[IOLoop],
+) -> None:
+    listener = socket.create_server(("127.0.0.1", 0), backlog=64)
+    dispatcher = ManualDispatcher()
+    loop = start_loop(serving, listener, dispatcher)
+    address = f"localhost:{listener.getsockname()[1]}"
+    replies: list[str | None] = []
+    client = threading.Thread(
+        target=lambda: replies.append(mpreqrep.do_request(address, "c", 20 * UNIT))
+    )
+    client.start()
+    assert wait_until(lambda: len(dispatcher.futures) == 1, 10 * UNIT)
+    dispatcher.futures[0][1].cancel()
+    client.join(10 * UNIT)
+    assert replies == [""]
+    assert loop.stats.failed == 1
+    client = threading.Thread(
+        target=lambda: replies.append(mpreqrep.do_request(address, "d", 20 * UNIT))
+    )
+    client.start()
+    assert wait_until(lambda: len(dispatcher.futures) == 2, 10 * UNIT)
+    dispatcher.futures[1][1].set_result("alive")
+    client.join(10 * UNIT)
+    assert replies == ["", "alive\r\n"]

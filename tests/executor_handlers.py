@@ -1,0 +1,52 @@
+"""Handlers for the executor tests, at module level so every executor can pickle them.
+
+``ProbeServer`` answers commands that reveal where and on what it ran, and
+that fault on demand; copies made by unpickling are counted per process.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import uuid
+from collections import Counter
+from typing import Any
+
+import mpreqrep
+
+# Copies of each server (by its ``serial``) unpickled in this process.
+copies_made: Counter[str] = Counter()
+
+
+class ProbeServer(mpreqrep.RequestServer):
+    """Replies to ``pid``, ``copies``, ``identity``, ``unique S``, ``sleep S``,
+    ``raise`` and ``crash``; echoes anything else as ``echo:<text>``."""
+
+    def __init__(self, address: str, **options: Any) -> None:
+        super().__init__(address, **options)
+        self.serial = uuid.uuid4().hex
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        copies_made[self.serial] += 1
+
+    def handle_request(self, request: str) -> str:
+        command, _, argument = request.strip().partition(" ")
+        if command == "pid":
+            return str(os.getpid())
+        if command == "copies":
+            return f"{os.getpid()} {copies_made[self.serial]}"
+        if command == "identity":
+            return f"{os.getpid()} {id(self)} {threading.current_thread().name}"
+        if command == "unique":
+            time.sleep(float(argument))
+            return uuid.uuid4().hex
+        if command == "sleep":
+            time.sleep(float(argument))
+            return f"slept {argument}"
+        if command == "raise":
+            raise RuntimeError("handler exploded remotely")
+        if command == "crash":
+            os._exit(3)
+        return "echo:" + request

@@ -1,0 +1,181 @@
+"""``executor=`` on a real Dask ``LocalCluster``: two worker processes on loopback.
+
+The cluster starts once for the module. Its scheduler fails a task with
+``KilledWorker`` as soon as one worker dies with it (``allowed-failures: 0``,
+as the README recommends; Dask's default is 3), which keeps the crash test short.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+from collections.abc import Iterator
+from concurrent.futures import Executor
+from typing import Any
+
+import dask
+import distributed
+import pytest
+
+import mpreqrep
+from mpreqrep._remote import dask_executor, run_cached
+from workers.echo import EchoServer
+from workers.primes import PrimeServer
+
+from .conftest import UNIT, running, wait_until
+from .executor_handlers import ProbeServer
+from .test_executors import ECHOES, PRIME_LIMITS, ask, ask_all, thread_mode_replies, warm_up
+
+pytestmark = pytest.mark.timeout(60)
+
+CLUSTER_OPTIONS: dict[str, Any] = {
+    "processes": True,
+    "threads_per_worker": 1,
+    "host": "127.0.0.1",
+    "dashboard_address": ":0",
+    "silence_logs": logging.CRITICAL,
+}
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Any]:
+    with (
+        dask.config.set({"distributed.scheduler.allowed-failures": 0}),
+        distributed.LocalCluster(n_workers=2, **CLUSTER_OPTIONS) as local_cluster,
+    ):
+        yield local_cluster
+
+
+@pytest.fixture(scope="module")
+def client(cluster: Any) -> Iterator[Any]:
+    with distributed.Client(cluster, set_as_default=False) as dask_client:
+        yield dask_client
+
+
+@pytest.fixture
+def executor(client: Any) -> Executor:
+    """Dask's own executor, with its default ``pure=True``."""
+    dask_executor: Executor = client.get_executor()
+    return dask_executor
+
+
+@pytest.mark.parametrize(
+    ("server_class", "texts"), [(PrimeServer, PRIME_LIMITS), (EchoServer, ECHOES)]
+)
+def test_replies_match_thread_mode(
+    executor: Executor, server_class: type[mpreqrep.RequestServer], texts: list[str]
+) -> None:
+    expected = thread_mode_replies(server_class, texts)
+    with running(server_class, executor=executor) as server:
+        assert ask_all(server.address, texts) == expected
+
+
+def test_identical_requests_each_run_although_dask_would_merge_them(
+    executor: Executor, client: Any
+) -> None:
+    with running(ProbeServer, executor=executor) as server:
+        assert ask(server.address, "warm") == "echo:warm\r\n"
+        first, second = ask_all(server.address, ["unique 0.3", "unique 0.3"])
+    assert first and second and first != second
+    merged = [client.submit(run_cached, "t", None, "x", pure=True) for _ in range(2)]
+    assert merged[0].key == merged[1].key  # what pure=True would have done to them
+
+
+def test_workers_get_the_server_once_then_only_requests(executor: Executor) -> None:
+    with running(ProbeServer, executor=executor) as server:
+        warm = warm_up(server.address)
+        copies_after_warmup = server.stats()["server_copies_sent"]
+        steady = ask_all(server.address, ["copies"] * 10)
+        assert server.stats()["server_copies_sent"] == copies_after_warmup
+    replies = [reply.split() for reply in warm + steady if reply is not None]
+    assert len(replies) == len(warm) + 10
+    copies_per_pid = {pid: int(copies) for pid, copies in replies}
+    assert len(copies_per_pid) == 2
+    assert 2 <= copies_after_warmup <= len(warm)
+    assert sum(copies_per_pid.values()) <= copies_after_warmup
+
+
+def test_remote_exception_logs_a_traceback_and_closes_without_reply(
+    executor: Executor, caplog: pytest.LogCaptureFixture
+) -> None:
+    with (
+        caplog.at_level(logging.ERROR, logger="mpreqrep"),
+        running(ProbeServer, executor=executor) as server,
+    ):
+        assert ask(server.address, "raise") == ""
+        assert ask(server.address, "next") == "echo:next\r\n"
+    failures = [r for r in caplog.records if "handle_request failed" in r.getMessage()]
+    assert len(failures) == 1 and failures[0].exc_info is not None
+    assert "handler exploded remotely" in caplog.text
+
+
+def test_a_worker_dying_mid_request_costs_only_that_request(
+    executor: Executor, client: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    with (
+        caplog.at_level(logging.ERROR, logger="mpreqrep"),
+        running(ProbeServer, executor=executor) as server,
+    ):
+        replies: list[str | None] = []
+        sender = threading.Thread(
+            target=lambda: replies.extend(ask_all(server.address, ["sleep 0.5"] * 3))
+        )
+        sender.start()
+        assert wait_until(lambda: server.stats()["in_flight"] == 3, 10 * UNIT)
+        assert ask(server.address, "crash") == ""
+        sender.join(60 * UNIT)
+        assert replies == ["slept 0.5\r\n"] * 3
+        assert ask_all(server.address, ["after"] * 4) == ["echo:after\r\n"] * 4
+    assert "KilledWorker" in caplog.text
+    assert "giving up on a request" in caplog.text
+    client.wait_for_workers(2, timeout=30 * UNIT)
+
+
+def test_a_lost_scheduler_costs_replies_not_the_server(caplog: pytest.LogCaptureFixture) -> None:
+    cluster = distributed.LocalCluster(n_workers=1, **CLUSTER_OPTIONS)
+    lone_client = distributed.Client(cluster, set_as_default=False)
+    try:
+        with (
+            caplog.at_level(logging.ERROR, logger="mpreqrep"),
+            running(ProbeServer, executor=lone_client.get_executor()) as server,
+        ):
+            assert ask(server.address, "before") == "echo:before\r\n"
+            in_flight: list[str | None] = []
+            sender = threading.Thread(
+                target=lambda: in_flight.append(ask(server.address, "sleep 1"))
+            )
+            sender.start()
+            assert wait_until(lambda: server.stats()["in_flight"] == 1, 10 * UNIT)
+            cluster.close()
+            sender.join(30 * UNIT)
+            assert in_flight == [""]
+            assert ask(server.address, "offline") == ""
+            assert server.stats()["failed"] == 2
+    finally:
+        lone_client.close()
+        cluster.close()
+    assert "the executor cancelled the request" in caplog.text
+    assert "no scheduler to submit to" in caplog.text
+
+
+def test_dask_executor_connects_serves_and_closes_its_client(cluster: Any) -> None:
+    with (
+        dask_executor(cluster.scheduler_address) as executor,
+        running(EchoServer, executor=executor) as server,
+    ):
+        assert ask_all(server.address, ["same", "same"]) == ["same\r\n", "same\r\n"]
+    assert executor.client.status == "closed"
+
+
+def test_dask_executor_without_a_scheduler_raises_oserror() -> None:
+    with pytest.raises(OSError):
+        dask_executor("tcp://127.0.0.1:9", connect_timeout_s=0.5 * UNIT)
+
+
+def test_dask_executor_without_distributed_names_the_extra(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setitem(sys.modules, "distributed", None)
+    with pytest.raises(ImportError, match=r"mpreqrep\[dask\]"):
+        dask_executor("tcp://127.0.0.1:9")
