@@ -32,11 +32,19 @@ import signal
 import sys
 import threading
 from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import Executor
 from decimal import Decimal
 from types import FrameType, ModuleType
 from typing import Any, NoReturn
 
-from . import NoServerError, RequestServer, __version__, do_request, split_address
+from . import (
+    NoServerError,
+    RequestServer,
+    __version__,
+    dask_executor,
+    do_request,
+    split_address,
+)
 
 logger = logging.getLogger("mpreqrep")
 
@@ -136,12 +144,19 @@ def _add_serve_command(commands: argparse._SubParsersAction[_ArgumentParser]) ->
         help="[tcp://]host:port to listen at; port 0 picks a free one "
         f"(default: {DEFAULT_ADDRESS})",
     )
-    serve.add_argument(
+    placement = serve.add_mutually_exclusive_group()
+    placement.add_argument(
         "--workers",
         type=worker_count_argument,
         metavar="N|auto",
         help="run handlers on a pool of N processes ('auto': one per physical core); "
         "default: thread mode",
+    )
+    placement.add_argument(
+        "--dask",
+        metavar="SCHEDULER",
+        help="run handlers on the Dask cluster whose scheduler is at SCHEDULER "
+        "(e.g. tcp://10.0.0.5:8786; needs mpreqrep[dask])",
     )
     serve.add_argument(
         "--async",
@@ -276,9 +291,25 @@ def _request(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     """Import the server class, bind, announce the address, and serve until a signal."""
     logging.basicConfig(level=args.log_level, format=LOG_FORMAT)
-    server = _create_server(load_server_class(args.target), args)
-    print(f"{PROG}: serving {args.target} at {server.address}", flush=True)
-    return _Supervisor(server, stats_interval_s=args.stats_interval).serve_until_stopped()
+    server_class = load_server_class(args.target)
+    with _executor_for(args) as executor:
+        server = _create_server(server_class, args, executor)
+        print(f"{PROG}: serving {args.target} at {server.address}", flush=True)
+        return _Supervisor(server, stats_interval_s=args.stats_interval).serve_until_stopped()
+
+
+@contextlib.contextmanager
+def _executor_for(args: argparse.Namespace) -> Iterator[Executor | None]:
+    """The Dask executor ``--dask`` asks for (closed afterwards), else ``None``."""
+    if args.dask is None:
+        yield None
+        return
+    try:
+        executor = dask_executor(args.dask)
+    except (ImportError, OSError, ValueError) as exc:
+        raise CliError(f"cannot use the Dask scheduler at {args.dask}: {_one_line(exc)}") from exc
+    with executor:
+        yield executor
 
 
 def load_server_class(target: str) -> type[RequestServer]:
@@ -319,10 +350,13 @@ def _import_module(name: str) -> ModuleType:
         raise CliError(f"cannot import module {name!r}: {_one_line(exc)}{hint}") from exc
 
 
-def _create_server(server_class: type[RequestServer], args: argparse.Namespace) -> RequestServer:
+def _create_server(
+    server_class: type[RequestServer], args: argparse.Namespace, executor: Executor | None
+) -> RequestServer:
     """Build the server, passing only the options given, so narrower subclasses work."""
     options: dict[str, Any] = {
         "workers": args.workers,
+        "executor": executor,
         "request_timeout": args.request_timeout,
         "max_worker_memory": args.max_worker_memory,
     }

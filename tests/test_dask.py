@@ -8,10 +8,13 @@ as the README recommends; Dask's default is 3), which keeps the crash test short
 from __future__ import annotations
 
 import logging
+import signal
+import subprocess
 import sys
 import threading
 from collections.abc import Iterator
 from concurrent.futures import Executor
+from pathlib import Path
 from typing import Any
 
 import dask
@@ -179,3 +182,17 @@ def test_dask_executor_without_distributed_names_the_extra(
     monkeypatch.setitem(sys.modules, "distributed", None)
     with pytest.raises(ImportError, match=r"mpreqrep\[dask\]"):
         dask_executor("tcp://127.0.0.1:9")
+
+
+def test_cli_serves_on_the_cluster_with_dask_option(cluster: Any) -> None:
+    command = [sys.executable, "-m", "mpreqrep", "serve", "workers.primes:PrimeServer"]
+    command += ["--dask", cluster.scheduler_address, "--address", "localhost:0"]
+    root = Path(__file__).resolve().parent.parent
+    process = subprocess.Popen(command, cwd=root, stdout=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout is not None
+        address = process.stdout.readline().rsplit(" ", 1)[-1].strip()
+        assert mpreqrep.do_request(address, "1000", 60 * UNIT) == "168\r\n"
+    finally:
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=60 * UNIT) == 0

@@ -3,6 +3,7 @@ what its comments promise."""
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import signal
@@ -39,6 +40,7 @@ def test_python_example_runs(index: int, tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, str(script)],
         cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},  # the examples import workers/
         capture_output=True,
         text=True,
         timeout=150 * UNIT,
