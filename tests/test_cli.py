@@ -573,9 +573,6 @@ def test_second_signal_exits_at_once(
 
 
 @pytest.mark.timeout(SUBPROCESS_TIMEOUT)
-@pytest.mark.xfail(
-    strict=True, reason="pool workers do not ignore SIGINT yet: the request in flight dies"
-)
 def test_ctrl_c_in_a_terminal_drains_too(tmp_path: Path, serve_cli: list[ServeProcess]) -> None:
     """Ctrl-C signals the whole process group, pool workers included."""
     (tmp_path / "holding.py").write_text(HOLDING_MODULE)

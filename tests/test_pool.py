@@ -1,0 +1,640 @@
+"""The process-pool dispatcher, driven directly through submit() and futures (no sockets)."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import pickle
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+from loky import process_executor as loky_executor
+
+from mpreqrep import _pool
+from mpreqrep._errors import HandlerReturnTypeError
+from mpreqrep._pool import (
+    HandlerTimeoutError,
+    PoolStartError,
+    ProcessPoolDispatcher,
+    WorkerCrashError,
+    resolve_worker_count,
+)
+
+from .conftest import UNIT, wait_until
+from .pool_handlers import Commands, Counting, Echo, FailsToLoad, Unpicklable
+
+pytestmark = pytest.mark.timeout(90 * UNIT)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+MakeDispatcher = Callable[..., ProcessPoolDispatcher]
+
+# loky warns once per pool when it replaces a worker while work is queued; its text
+# speaks of its own default leak limit, not of max_worker_memory.
+loky_recycling_warning = pytest.mark.filterwarnings("ignore:A worker was restarted:UserWarning")
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie does not)."""
+    try:
+        return bool(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)
+    except psutil.NoSuchProcess:
+        return False
+
+
+def worker_pids(dispatcher: ProcessPoolDispatcher) -> set[int]:
+    return {worker["pid"] for worker in dispatcher.stats()["workers"]}
+
+
+def loky_children() -> set[int]:
+    """Live children of this process, loky's resource trackers excepted."""
+    pids = set()
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if "resource_tracker" not in " ".join(child.cmdline()) and alive(child.pid):
+                pids.add(child.pid)
+        except psutil.NoSuchProcess:
+            pass
+    return pids
+
+
+def outcome(future: Future[str], timeout: float = 30 * UNIT) -> str | BaseException:
+    """The reply, or the exception the future failed with."""
+    try:
+        return future.result(timeout=timeout)
+    except Exception as exc:
+        return exc
+
+
+@pytest.fixture
+def make() -> Iterator[MakeDispatcher]:
+    """Build (and by default start) dispatchers; shut them down and check no worker stays."""
+    made: list[ProcessPoolDispatcher] = []
+
+    def factory(
+        handler: Any,
+        workers: int = 2,
+        *,
+        timeout_s: float | None = None,
+        max_rss: int | None = None,
+        start: bool = True,
+    ) -> ProcessPoolDispatcher:
+        dispatcher = ProcessPoolDispatcher(
+            handler, workers, request_timeout_s=timeout_s, max_worker_memory=max_rss
+        )
+        made.append(dispatcher)
+        if start:
+            dispatcher.start()
+        return dispatcher
+
+    yield factory
+    for dispatcher in made:
+        pids = worker_pids(dispatcher)
+        dispatcher.shutdown()
+        assert not {pid for pid in pids if alive(pid)}
+
+
+# -- worker counts and options ----------------------------------------------------------
+
+
+def test_worker_counts_resolve_ints_digit_strings_and_auto() -> None:
+    cores = psutil.cpu_count(logical=False) or psutil.cpu_count() or 1
+    assert resolve_worker_count(3) == 3
+    assert resolve_worker_count("2") == 2
+    assert resolve_worker_count("auto") == cores
+    assert resolve_worker_count(None) == cores
+
+
+@pytest.mark.parametrize("workers", [0, -1, "0", "many", "", 1.5, True])
+def test_bad_worker_counts_are_value_errors(workers: Any) -> None:
+    with pytest.raises(ValueError, match="workers"):
+        resolve_worker_count(workers)
+
+
+@pytest.mark.parametrize(
+    ("workers", "timeout_s", "max_rss"), [(0, None, None), (1, 0.0, None), (1, None, -5)]
+)
+def test_out_of_range_options_are_value_errors(
+    workers: int, timeout_s: float | None, max_rss: int | None
+) -> None:
+    with pytest.raises(ValueError):
+        ProcessPoolDispatcher(
+            Echo(""), workers, request_timeout_s=timeout_s, max_worker_memory=max_rss
+        )
+
+
+# -- start-up and the handler copy ------------------------------------------------------
+
+
+def test_start_warms_every_worker_before_the_first_request(make: MakeDispatcher) -> None:
+    dispatcher = make(Echo(""), 2)
+    workers = dispatcher.stats()["workers"]
+    assert len(workers) == 2
+    assert all(alive(worker["pid"]) and worker["served"] == 0 for worker in workers)
+    assert {worker["pid"] for worker in workers} <= loky_children()
+
+
+def test_attributes_set_in_init_reach_the_workers(make: MakeDispatcher) -> None:
+    dispatcher = make(Echo("copied> "), 2)
+    futures = [dispatcher.submit(f"r{index}\r\n") for index in range(30)]
+    assert [outcome(future) for future in futures] == [f"copied> r{i}\r\n" for i in range(30)]
+
+
+def test_each_worker_loads_one_copy_and_the_parent_pickles_once(make: MakeDispatcher) -> None:
+    Counting.pickled = 0
+    dispatcher = make(Counting(), 2)
+    replies = [outcome(dispatcher.submit("x")) for _ in range(40)]
+    by_pid: dict[int, list[tuple[int, int, int]]] = {}
+    for reply in replies:
+        pid, copy_id, calls, loads = map(int, str(reply).split())
+        by_pid.setdefault(pid, []).append((copy_id, calls, loads))
+    assert os.getpid() not in by_pid
+    for seen in by_pid.values():
+        assert len({copy_id for copy_id, _, _ in seen}) == 1  # one copy per worker
+        assert {loads for _, _, loads in seen} == {1}  # unpickled once, at start-up
+        assert sorted(calls for _, calls, _ in seen) == list(range(1, len(seen) + 1))
+    assert Counting.pickled == 1  # requests carry text only
+
+
+def test_submit_returns_a_plain_future_of_the_dispatcher(make: MakeDispatcher) -> None:
+    dispatcher = make(Echo("e:"), 1)
+    future = dispatcher.submit("x")
+    assert type(future) is Future
+    assert outcome(future) == "e:x"
+
+
+def test_a_handler_that_does_not_pickle_fails_start(make: MakeDispatcher) -> None:
+    dispatcher = make(Unpicklable(), 1, start=False)
+    with pytest.raises(PoolStartError, match="Unpicklable") as caught:
+        dispatcher.start()
+    assert caught.value.__cause__ is not None
+
+
+def test_a_handler_that_workers_cannot_load_fails_start(make: MakeDispatcher) -> None:
+    before = loky_children()
+    dispatcher = make(FailsToLoad(), 2, start=False)
+    with pytest.raises(PoolStartError, match="cannot load in a worker"):
+        dispatcher.start()
+    assert wait_until(lambda: loky_children() <= before, 10 * UNIT)
+
+
+def test_a_worker_exiting_while_loading_fails_start(make: MakeDispatcher) -> None:
+    dispatcher = make(FailsToLoad(hard=True), 1, start=False)
+    with pytest.raises(PoolStartError, match="died while starting"):
+        dispatcher.start()
+
+
+def test_start_gives_up_on_workers_that_do_not_start_in_time(
+    make: MakeDispatcher, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_pool, "WORKER_START_TIMEOUT_S", 0.0)
+    dispatcher = make(Echo(""), 1, start=False)
+    with pytest.raises(PoolStartError, match="did not start within"):
+        dispatcher.start()
+
+
+def test_a_pool_that_cannot_spawn_is_closed_and_start_raises(
+    make: MakeDispatcher, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    closed = []
+    real_close = _pool._Pool.close
+
+    def no_processes(pool: Any, batch: list[tuple[int, str]]) -> Any:
+        raise OSError("cannot spawn")
+
+    def recording_close(pool: Any) -> list[Any]:
+        closed.append(pool)
+        return real_close(pool)
+
+    monkeypatch.setattr(_pool._Pool, "submit", no_processes)
+    monkeypatch.setattr(_pool._Pool, "close", recording_close)
+    dispatcher = make(Echo(""), 1, start=False)
+    with pytest.raises(OSError, match="cannot spawn"):
+        dispatcher.start()
+    assert len(closed) == 1
+
+
+def test_start_twice_is_an_error(make: MakeDispatcher) -> None:
+    dispatcher = make(Echo(""), 1)
+    with pytest.raises(RuntimeError, match="already"):
+        dispatcher.start()
+
+
+def test_a_handler_class_from_a_main_script_works(tmp_path: Path) -> None:
+    script = tmp_path / "main_handler.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import os
+            from mpreqrep._pool import ProcessPoolDispatcher
+
+            class Upper:
+                def __init__(self):
+                    self.suffix = "!"
+
+                def handle_request(self, request):
+                    return request.upper() + self.suffix + str(os.getpid() != PARENT)
+
+            PARENT = os.getpid()
+            if __name__ == "__main__":
+                dispatcher = ProcessPoolDispatcher(
+                    Upper(), 1, request_timeout_s=None, max_worker_memory=None
+                )
+                dispatcher.start()
+                print(dispatcher.submit("hey").result(timeout=60), end="")
+                dispatcher.shutdown()
+            """
+        )
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    result = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=60 * UNIT, env=env
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "HEY!True"
+
+
+# -- running requests -------------------------------------------------------------------
+
+
+def test_up_to_n_handlers_run_at_once(make: MakeDispatcher) -> None:
+    dispatcher = make(Commands(), 2)
+    duration_s = 0.3 * UNIT
+    futures = [dispatcher.submit(f"sleep:{duration_s}") for _ in range(6)]
+    spans = [tuple(map(float, str(outcome(future)).split()[:2])) for future in futures]
+    edges = sorted([(start, 1) for start, _ in spans] + [(end, -1) for _, end in spans])
+    running = peak = 0
+    for _, step in edges:  # an end sorts before a start at the same instant
+        running += step
+        peak = max(peak, running)
+    assert peak == 2
+
+
+def test_handler_errors_fail_only_their_own_future(make: MakeDispatcher) -> None:
+    dispatcher = make(Commands(), 2)
+    commands = ["raise", "bytes", "raise-unpicklable", "echo:fine", "subclass"]
+    futures = {command: dispatcher.submit(command) for command in commands}
+    results = {command: outcome(future) for command, future in futures.items()}
+    assert isinstance(results["raise"], ValueError)
+    assert "do_raise" in str(results["raise"].__cause__)  # the worker's traceback
+    assert isinstance(results["bytes"], HandlerReturnTypeError)
+    assert isinstance(results["raise-unpicklable"], RuntimeError)
+    assert "BadReplyError" in str(results["raise-unpicklable"])
+    assert results["echo:fine"] == "fine"
+    assert type(results["subclass"]) is str and results["subclass"] == "quiet"
+    assert dispatcher.stats()["pool_rebuilds"] == 0
+
+
+def test_many_waiting_requests_travel_in_batches(make: MakeDispatcher) -> None:
+    dispatcher = make(Commands(), 1)
+    futures = [dispatcher.submit(f"echo:{index}") for index in range(400)]
+    assert [outcome(future) for future in futures] == [str(index) for index in range(400)]
+    assert dispatcher.stats()["tasks"] < 100
+
+
+def test_a_request_cancelled_while_waiting_never_runs(make: MakeDispatcher, tmp_path: Path) -> None:
+    dispatcher = make(Commands(), 1)
+    busy = [dispatcher.submit(f"sleep:{0.5 * UNIT}") for _ in range(2)]
+    marker = tmp_path / "ran"
+    assert dispatcher.submit(f"touch:{marker}").cancel()
+    assert all(not isinstance(outcome(future), BaseException) for future in busy)
+    assert outcome(dispatcher.submit("echo:after")) == "after"
+    assert not marker.exists()
+
+
+def test_stats_report_each_worker(make: MakeDispatcher) -> None:
+    dispatcher = make(Commands(), 2)
+    for future in [dispatcher.submit("pid") for _ in range(20)]:
+        outcome(future)
+    stats = dispatcher.stats()
+    assert {"crashed", "timed_out", "in_flight", "waiting", "resubmitted", "pool_rebuilds"} <= set(
+        stats
+    )
+    assert stats["in_flight"] == stats["waiting"] == 0
+    assert sum(worker["served"] for worker in stats["workers"]) == 20
+    for worker in stats["workers"]:
+        assert worker["rss"] > 0
+        assert isinstance(worker["cpu_percent"], float)
+
+
+# -- crashes ----------------------------------------------------------------------------
+
+
+def test_one_poison_request_among_64_costs_only_its_own_reply(make: MakeDispatcher) -> None:
+    dispatcher = make(Commands(), 2)
+    old_pids = worker_pids(dispatcher)
+    commands = [f"echo:{index}" if index % 2 else "sleep:0.01" for index in range(64)]
+    commands[20] = "exit:1"
+    started = time.perf_counter()
+    futures = [dispatcher.submit(command) for command in commands]
+    results = [outcome(future) for future in futures]
+    elapsed_s = time.perf_counter() - started
+    failures = [index for index, result in enumerate(results) if isinstance(result, BaseException)]
+    assert failures == [20]
+    assert isinstance(results[20], WorkerCrashError)
+    assert all(results[i] == str(i) for i in range(1, 64, 2))
+    stats = dispatcher.stats()
+    assert (stats["crashed"], stats["pool_rebuilds"], stats["abandoned"]) == (1, 1, 0)
+    assert stats["resubmitted"] > 0  # bystanders were in flight and ran again
+    assert outcome(dispatcher.submit("pid")) not in {str(pid) for pid in old_pids}
+    print(f"64 requests, one poison: {elapsed_s:.3f} s, {stats['resubmitted']} resubmitted")
+
+
+def test_the_pool_recovers_quickly_after_a_crash(make: MakeDispatcher) -> None:
+    dispatcher = make(Commands(), 2)
+    crashed = dispatcher.submit("exit:1")
+    assert isinstance(outcome(crashed), WorkerCrashError)
+    started = time.perf_counter()
+    assert outcome(dispatcher.submit("echo:back")) == "back"
+    print(f"first reply after a crash: {time.perf_counter() - started:.3f} s")
+
+
+def test_a_pool_found_broken_on_submit_is_replaced_and_the_request_moves(
+    make: MakeDispatcher, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dispatcher = make(Echo("moved:"), 1)
+    real_submit = _pool._Pool.submit
+    refusals = []
+
+    def refuse_once(pool: Any, batch: list[tuple[int, str]]) -> Any:
+        if not refusals and batch:
+            refusals.append(batch)
+            raise BrokenProcessPool("found broken")
+        return real_submit(pool, batch)
+
+    monkeypatch.setattr(_pool._Pool, "submit", refuse_once)
+    assert outcome(dispatcher.submit("x")) == "moved:x"
+    stats = dispatcher.stats()
+    assert (stats["pool_rebuilds"], stats["resubmitted"], stats["crashed"]) == (1, 0, 0)
+
+
+def test_a_request_that_breaks_the_pool_twice_is_not_retried(make: MakeDispatcher) -> None:
+    dispatcher = make(Commands(), 2)
+    # Its own worker lives, so nobody is to blame: it is retried once, then given up.
+    killer = outcome(dispatcher.submit("kill-siblings"))
+    assert isinstance(killer, WorkerCrashError)
+    assert "twice" in str(killer)
+    stats = dispatcher.stats()
+    assert (stats["abandoned"], stats["crashed"], stats["pool_rebuilds"]) == (1, 0, 2)
+    assert stats["resubmitted"] == 1
+    assert outcome(dispatcher.submit("echo:after")) == "after"
+
+
+# -- timeouts ---------------------------------------------------------------------------
+
+
+def test_timeout_kills_the_worker_tree_and_others_go_on(
+    make: MakeDispatcher, tmp_path: Path
+) -> None:
+    timeout_s = 1.0 * UNIT
+    dispatcher = make(Commands(), 2, timeout_s=timeout_s)
+    child_file = tmp_path / "child.pid"
+    hung = dispatcher.submit(f"spawn-hang:{child_file}")
+    assert wait_until(lambda: child_file.exists() and child_file.read_text() != "", 10 * UNIT)
+    child = int(child_file.read_text())
+    worker = psutil.Process(child).ppid()
+    # Bystanders on the other worker, running before, during and after the kill.
+    others = [dispatcher.submit(f"sleep:{0.25 * UNIT}") for _ in range(8)]
+    result = outcome(hung)
+    assert isinstance(result, HandlerTimeoutError)
+    assert isinstance(result, TimeoutError)
+    assert all(not isinstance(outcome(future), BaseException) for future in others)
+    assert wait_until(lambda: not alive(child) and not alive(worker), 10 * UNIT)
+    assert wait_until(lambda: dispatcher.stats()["pool_rebuilds"] == 1, 10 * UNIT)
+    stats = dispatcher.stats()
+    assert (stats["timed_out"], stats["crashed"]) == (1, 0)
+    assert stats["resubmitted"] > 0
+    assert outcome(dispatcher.submit("echo:after")) == "after"
+
+
+def test_the_timeout_counts_from_the_handler_start_not_from_submit(
+    make: MakeDispatcher,
+) -> None:
+    dispatcher = make(Commands(), 1, timeout_s=1.0 * UNIT)
+    futures = [dispatcher.submit(f"sleep:{0.3 * UNIT}") for _ in range(5)]  # 1.5 units queued
+    assert all(not isinstance(outcome(future), BaseException) for future in futures)
+    assert dispatcher.stats()["timed_out"] == 0
+
+
+# -- memory -----------------------------------------------------------------------------
+
+
+@loky_recycling_warning
+def test_a_worker_past_its_memory_cap_is_recycled_between_requests(
+    make: MakeDispatcher,
+) -> None:
+    megabyte = 1024 * 1024
+    dispatcher = make(Commands(), 1, max_rss=150 * megabyte)
+    first = outcome(dispatcher.submit("pid"))
+    assert outcome(dispatcher.submit("grow:200")) == first
+    after = [outcome(dispatcher.submit("pid")) for _ in range(3)]
+    assert all(not isinstance(reply, BaseException) for reply in after)
+    assert after[0] != first
+    stats = dispatcher.stats()
+    assert (stats["recycled"], stats["pool_rebuilds"], stats["crashed"]) == (1, 0, 0)
+    assert not alive(int(str(first)))
+    assert [worker["rss"] < 150 * megabyte for worker in stats["workers"]] == [True]
+
+
+@loky_recycling_warning
+def test_a_memory_cap_below_a_fresh_worker_recycles_after_every_task(
+    make: MakeDispatcher, caplog: pytest.LogCaptureFixture
+) -> None:
+    dispatcher = make(Commands(), 1, max_rss=1)
+    assert "below a fresh worker's RSS" in caplog.text
+    pids = [outcome(dispatcher.submit("pid")) for _ in range(4)]
+    assert all(not isinstance(pid, BaseException) for pid in pids)
+    assert len(set(pids)) >= 3  # the first task only calibrates; then one worker per task
+    assert dispatcher.stats()["crashed"] == 0
+
+
+# -- shutdown ---------------------------------------------------------------------------
+
+
+def test_shutdown_answers_every_request_and_leaves_no_worker(make: MakeDispatcher) -> None:
+    before = loky_children()
+    dispatcher = make(Commands(), 2)
+    pids = worker_pids(dispatcher)
+    futures = [dispatcher.submit(f"sleep:{0.2 * UNIT}") for _ in range(5)]
+    dispatcher.shutdown()
+    assert all(future.done() and future.exception() is None for future in futures)
+    assert not {pid for pid in pids if alive(pid)}
+    assert loky_children() <= before
+
+
+def test_requests_after_shutdown_fail_and_a_second_shutdown_is_harmless(
+    make: MakeDispatcher,
+) -> None:
+    dispatcher = make(Echo(""), 1)
+    dispatcher.shutdown()
+    late = dispatcher.submit("late")
+    assert isinstance(late.exception(timeout=0), RuntimeError)
+    dispatcher.shutdown()
+
+
+# -- the supervisor giving up -----------------------------------------------------------
+
+
+def test_workers_that_cannot_reload_the_handler_fail_what_is_left(
+    make: MakeDispatcher, tmp_path: Path
+) -> None:
+    marker = tmp_path / "broken"
+    dispatcher = make(FailsToLoad(str(marker)), 1)
+    marker.touch()  # from now on, a new worker cannot load the handler
+    crashed, stranded = dispatcher.submit("exit"), dispatcher.submit("echo")
+    assert isinstance(outcome(crashed), WorkerCrashError)
+    failure = outcome(stranded)
+    assert isinstance(failure, RuntimeError)
+    assert isinstance(failure.__cause__, PoolStartError)
+    assert isinstance(dispatcher.submit("late").exception(timeout=0), RuntimeError)
+
+
+def test_workers_that_keep_dying_while_loading_fail_what_is_left(
+    make: MakeDispatcher, tmp_path: Path
+) -> None:
+    marker = tmp_path / "broken"
+    dispatcher = make(FailsToLoad(str(marker), hard=True), 1)
+    marker.touch()
+    crashed, stranded = dispatcher.submit("exit"), dispatcher.submit("echo")
+    assert isinstance(outcome(crashed), WorkerCrashError)
+    failure = outcome(stranded)
+    assert isinstance(failure, RuntimeError)
+    assert "in a row" in str(failure.__cause__)
+
+
+def test_a_supervisor_bug_fails_requests_instead_of_hanging_them(
+    make: MakeDispatcher, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dispatcher = make(Echo(""), 1)
+
+    def broken_take_batch(capacity: int) -> list[Any]:
+        raise KeyError("bug")
+
+    monkeypatch.setattr(dispatcher._ledger, "take_batch", broken_take_batch)
+    failure = outcome(dispatcher.submit("x"))
+    assert isinstance(failure, RuntimeError)
+    assert isinstance(failure.__cause__, KeyError)
+
+
+def test_a_task_that_fails_as_a_whole_fails_each_of_its_requests() -> None:
+    dispatcher = ProcessPoolDispatcher(Echo(""), 1, request_timeout_s=None, max_worker_memory=None)
+    future = dispatcher.submit("x")
+    (request,) = dispatcher._ledger.take_batch(1)
+    pool = _pool._Pool.open(b"", 1, None)  # never submitted to, so no process starts
+    task: Future[Any] = Future()
+    task.set_exception(OSError("result lost"))
+    dispatcher._on_task_done(pool, [request.request_id], task)
+    pool.close()
+    dispatcher.shutdown()
+    assert isinstance(future.exception(timeout=0), OSError)
+
+
+# -- the worker side, run in this process -----------------------------------------------
+
+
+@pytest.fixture
+def report_pipe(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Any, Any, Any]]:
+    """A report pipe and lock, with the worker globals restored afterwards."""
+    monkeypatch.setattr(_pool, "_worker", None)
+    reader, writer = multiprocessing.Pipe(duplex=False)
+    yield reader, writer, multiprocessing.Lock()
+    reader.close()
+    writer.close()
+
+
+def test_the_worker_entry_reports_starts_and_captures_outcomes(
+    report_pipe: tuple[Any, Any, Any],
+) -> None:
+    reader, writer, lock = report_pipe
+    _pool._init_worker(pickle.dumps(Commands()), writer, lock, None)
+    pid, outcomes = _pool._serve_batch([(1, "echo:a"), (2, "raise")])
+    assert pid == os.getpid()
+    assert outcomes[0] == _pool._Outcome(1, reply="a")
+    assert isinstance(outcomes[1].error, ValueError) and "do_raise" in outcomes[1].traceback
+    reports = [reader.recv() for _ in range(3)]
+    assert reports == [("ready", pid, None), ("started", pid, 1), ("started", pid, 2)]
+
+
+def test_a_worker_that_cannot_load_the_handler_reports_why(
+    report_pipe: tuple[Any, Any, Any],
+) -> None:
+    reader, writer, lock = report_pipe
+    with pytest.raises(pickle.UnpicklingError):
+        _pool._init_worker(b"not a pickle", writer, lock, None)
+    kind, pid, text = reader.recv()
+    assert (kind, pid) == ("init-failed", os.getpid())
+    assert "UnpicklingError" in text
+
+
+def test_a_handler_error_that_does_not_pickle_is_sent_as_text(
+    report_pipe: tuple[Any, Any, Any],
+) -> None:
+    _, writer, lock = report_pipe
+    _pool._init_worker(pickle.dumps(Commands()), writer, lock, None)
+    _, (result,) = _pool._serve_batch([(1, "raise-unpicklable")])
+    assert isinstance(result.error, RuntimeError)
+    assert "BadReplyError: 7: no round trip" in str(result.error)
+
+
+def test_the_memory_cap_turns_loky_leak_check_into_an_rss_limit(
+    report_pipe: tuple[Any, Any, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("_get_memory_usage", "_MEMORY_LEAK_CHECK_DELAY", "_MAX_MEMORY_LEAK_SIZE"):
+        monkeypatch.setattr(loky_executor, name, getattr(loky_executor, name))
+    _, writer, lock = report_pipe
+    cap = 10**12
+    _pool._init_worker(pickle.dumps(Echo("")), writer, lock, cap)
+    reference = loky_executor._get_memory_usage(os.getpid(), force_gc=True)
+    assert loky_executor._MEMORY_LEAK_CHECK_DELAY < 0  # checked after every task
+    assert reference + loky_executor._MAX_MEMORY_LEAK_SIZE == cap  # recycles at rss >= cap
+    assert loky_executor._get_memory_usage(os.getpid()) > 0
+
+
+# -- book-keeping and process helpers, without a pool -----------------------------------
+
+
+def test_a_deadline_of_a_request_that_finished_is_ignored() -> None:
+    ledger = _pool._Ledger(timeout_s=1.0)
+    assert ledger.add("x", Future()) is None
+    (request,) = ledger.take_batch(capacity=1)
+    ledger.note_started([(request.request_id, 1234)], now=0.0)
+    assert ledger.seconds_to_next_deadline(now=0.25) == 0.75
+    assert [settled for settled, _ in ledger.settle([_pool._Outcome(0, reply="r")])] == [request]
+    assert ledger.pop_expired(now=5.0) == []
+    assert ledger.figures()["timed_out"] == 0
+    assert ledger.seconds_to_next_deadline(now=5.0) is None
+
+
+def test_a_worker_gone_before_it_registers_is_not_listed_or_killed() -> None:
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    pool = _pool._Pool.open(b"", 1, None)  # never submitted to, so no process starts
+    assert pool.register_worker(gone.pid) == 1
+    assert pool.worker_infos() == []
+    pool.kill_worker(gone.pid)
+    assert pool.killed == {gone.pid}
+    pool.close()
+
+
+def test_killing_a_process_tree_that_is_gone_does_nothing() -> None:
+    child = psutil.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    _pool._kill_process_tree(child)
+
+
+def test_zombie_children_do_not_count_as_live() -> None:
+    zombie = subprocess.Popen([sys.executable, "-c", "pass"])
+    assert wait_until(lambda: not alive(zombie.pid), 10 * UNIT)  # exited, not yet reaped
+    try:
+        assert zombie.pid not in _pool._live_child_pids()
+    finally:
+        zombie.wait()
