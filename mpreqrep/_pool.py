@@ -16,8 +16,8 @@ Data crossing threads and processes::
       │ append, wake                                            report READY ──────────────┐
       ▼                                                                                    │
     waiting ──────▶ take a batch [(id, text), ...] ──loky──▶ _serve_batch, per request:    │
-    deque           (at most TASKS_PER_WORKER                  report STARTED(id) ─────────┤
-                     tasks per worker)                         handle_request(text)        │
+    deque           (sized by _TaskSizing)                     report STARTED(id) ─────────┤
+                                                               handle_request(text)        │
                       ▲                                              │                     │
                       │ wait(wake-up pipe, report pipe, ◀──── report pipe ◀────────────────┘
                       │      timeout=next deadline)                  │
@@ -66,11 +66,14 @@ from ._dispatch import Dispatcher, Handler, run_handler
 
 logger = logging.getLogger("mpreqrep")
 
-TASKS_PER_WORKER = 2
-"""Loky tasks kept in flight per worker: one running and one ready to start."""
-
 MAX_BATCH_SIZE = 16
 """Most requests sent to a worker in one loky task when many are waiting."""
+
+LIGHT_HANDLER_S = 0.001
+"""Handlers faster than this on average are batched; slower ones are pipelined."""
+
+HANDLER_TIME_SMOOTHING = 0.2
+"""Weight of the newest task in the moving average of the handler time."""
 
 MAX_UNEXPLAINED_BREAKS = 2
 """A request running when the pool broke this often, with no culprit found, fails."""
@@ -128,6 +131,7 @@ class _Outcome(NamedTuple):
     reply: str = ""
     error: BaseException | None = None
     traceback: str = ""
+    elapsed_s: float = 0.0
 
 
 @dataclass
@@ -147,12 +151,13 @@ class _WorkerState:
     def serve(self, request_id: int, request: str) -> _Outcome:
         """Report the start, run the handler, and capture its reply or error."""
         self.report(_STARTED, request_id)
+        started = time.perf_counter()
         try:
             reply = run_handler(self.handler, request)
         except BaseException as exc:  # the parent logs it when it fails the future
             return _failed_outcome(request_id, exc)
         # An exact str: a subclass might not unpickle in the parent and break the pool.
-        return _Outcome(request_id, reply=str.__str__(reply))
+        return _Outcome(request_id, str.__str__(reply), elapsed_s=time.perf_counter() - started)
 
 
 _worker: _WorkerState | None = None
@@ -358,10 +363,11 @@ class _Ledger:
         with self._lock:
             self._refusal = self._refusal or reason
 
-    def take_batch(self, capacity: int) -> list[_Request]:
-        """Move the next waiting requests in flight, sharing them over ``capacity`` tasks."""
+    def take_batch(self, capacity: int, limit: int) -> list[_Request]:
+        """Move the next waiting requests in flight, sharing them over ``capacity``
+        tasks, at most ``limit`` in this one."""
         with self._lock:
-            size = min(MAX_BATCH_SIZE, -(-len(self._waiting) // capacity))  # ceil
+            size = min(limit, -(-len(self._waiting) // capacity))  # ceil
             batch: list[_Request] = []
             while self._waiting and len(batch) < size:
                 request = self._waiting.popleft()
@@ -646,7 +652,7 @@ class ProcessPoolDispatcher(Dispatcher):
         self._workers = workers
         self._timeout_s = request_timeout_s
         self._max_rss = max_worker_memory
-        self._capacity = TASKS_PER_WORKER * workers
+        self._sizing = _TaskSizing(workers)
         self._ledger = _Ledger(request_timeout_s)
         self._wakeup = _Wakeup()
         self._payload = b""
@@ -792,11 +798,22 @@ class ProcessPoolDispatcher(Dispatcher):
         return pool
 
     def _wait_for_news(self, pool: _Pool) -> None:
-        """Sleep until a report, a wake-up or the next deadline."""
+        """Sleep until a wake-up or the next deadline, and a report if timing matters.
+
+        Start reports set deadlines, so with a request timeout each one wakes
+        the supervisor. Without one they are only needed when a pool breaks:
+        they wait in the pipe and are read on the next pass, which halves the
+        pool's cost per request for light handlers. The pipe cannot fill: every
+        dispatch is a pass, and at most ``capacity * MAX_BATCH_SIZE`` requests
+        start between two passes.
+        """
         if pool.broken is not None:
             return
         timeout = self._ledger.seconds_to_next_deadline(time.monotonic())
-        wait([self._wakeup.reader, pool.reports], timeout)
+        watched = [self._wakeup.reader]
+        if self._timeout_s is not None:
+            watched.append(pool.reports)
+        wait(watched, timeout)
         self._wakeup.clear()
 
     def _apply_reports(self, pool: _Pool, reports: list[_Report]) -> None:
@@ -823,8 +840,8 @@ class ProcessPoolDispatcher(Dispatcher):
 
     def _dispatch_waiting(self, pool: _Pool) -> None:
         """Hand waiting requests to loky while it has room, in batches under load."""
-        while pool.has_room(self._capacity):
-            batch = self._ledger.take_batch(self._capacity)
+        while pool.has_room(self._sizing.capacity()):
+            batch = self._ledger.take_batch(self._sizing.capacity(), self._sizing.batch_limit())
             if not batch:
                 return
             self._submit_batch(pool, batch)
@@ -924,11 +941,50 @@ class ProcessPoolDispatcher(Dispatcher):
         else:  # loky could not send the result back: fail the whole batch
             pid, outcomes = None, [_Outcome(request_id, error=error) for request_id in ids]
         settled = self._ledger.settle(outcomes)
+        self._sizing.observe(outcomes)
         pool.task_done(pid, len(settled))
         for request, outcome in settled:
             _resolve(request.future, outcome)
         if self._closing or self._ledger.has_waiting():
             self._wakeup.set()
+
+
+class _TaskSizing:
+    """How many loky tasks to keep in flight and how many requests each carries.
+
+    Light handlers (under :data:`LIGHT_HANDLER_S`) get one task per worker at
+    a time, so the requests that arrive meanwhile travel together in the next
+    task: the pool hop is paid per batch, not per request. Heavy handlers get
+    one request per task and two tasks per worker, so a worker never idles
+    waiting for its next request and the work stays spread over all workers.
+    Until the first task is measured, handlers count as heavy.
+    """
+
+    def __init__(self, workers: int) -> None:
+        self._workers = workers
+        self._handler_s: float | None = None
+
+    def observe(self, outcomes: list[_Outcome]) -> None:
+        """Fold a finished task's handler times into the moving average."""
+        if not outcomes:
+            return
+        mean_s = sum(outcome.elapsed_s for outcome in outcomes) / len(outcomes)
+        previous = self._handler_s
+        self._handler_s = (
+            mean_s if previous is None else previous + HANDLER_TIME_SMOOTHING * (mean_s - previous)
+        )
+
+    def is_light(self) -> bool:
+        """Whether the handler is fast enough to batch."""
+        return self._handler_s is not None and self._handler_s < LIGHT_HANDLER_S
+
+    def capacity(self) -> int:
+        """Tasks to keep in flight over the whole pool."""
+        return self._workers * (1 if self.is_light() else 2)
+
+    def batch_limit(self) -> int:
+        """Most requests in the next task."""
+        return MAX_BATCH_SIZE if self.is_light() else 1
 
 
 def resolve_worker_count(workers: int | str | None) -> int:

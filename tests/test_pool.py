@@ -5,6 +5,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import pickle
+import signal
 import subprocess
 import sys
 import textwrap
@@ -516,7 +517,7 @@ def test_a_supervisor_bug_fails_requests_instead_of_hanging_them(
 ) -> None:
     dispatcher = make(Echo(""), 1)
 
-    def broken_take_batch(capacity: int) -> list[Any]:
+    def broken_take_batch(capacity: int, limit: int) -> list[Any]:
         raise KeyError("bug")
 
     monkeypatch.setattr(dispatcher._ledger, "take_batch", broken_take_batch)
@@ -528,7 +529,7 @@ def test_a_supervisor_bug_fails_requests_instead_of_hanging_them(
 def test_a_task_that_fails_as_a_whole_fails_each_of_its_requests() -> None:
     dispatcher = ProcessPoolDispatcher(Echo(""), 1, request_timeout_s=None, max_worker_memory=None)
     future = dispatcher.submit("x")
-    (request,) = dispatcher._ledger.take_batch(1)
+    (request,) = dispatcher._ledger.take_batch(1, 1)
     pool = _pool._Pool.open(b"", 1, None)  # never submitted to, so no process starts
     task: Future[Any] = Future()
     task.set_exception(OSError("result lost"))
@@ -545,10 +546,12 @@ def test_a_task_that_fails_as_a_whole_fails_each_of_its_requests() -> None:
 def report_pipe(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Any, Any, Any]]:
     """A report pipe and lock, with the worker globals restored afterwards."""
     monkeypatch.setattr(_pool, "_worker", None)
+    sigint_handler = signal.getsignal(signal.SIGINT)  # _init_worker ignores SIGINT
     reader, writer = multiprocessing.Pipe(duplex=False)
     yield reader, writer, multiprocessing.Lock()
     reader.close()
     writer.close()
+    signal.signal(signal.SIGINT, sigint_handler)
 
 
 def test_the_worker_entry_reports_starts_and_captures_outcomes(
@@ -558,7 +561,8 @@ def test_the_worker_entry_reports_starts_and_captures_outcomes(
     _pool._init_worker(pickle.dumps(Commands()), writer, lock, None)
     pid, outcomes = _pool._serve_batch([(1, "echo:a"), (2, "raise")])
     assert pid == os.getpid()
-    assert outcomes[0] == _pool._Outcome(1, reply="a")
+    assert outcomes[0]._replace(elapsed_s=0.0) == _pool._Outcome(1, reply="a")
+    assert outcomes[0].elapsed_s > 0
     assert isinstance(outcomes[1].error, ValueError) and "do_raise" in outcomes[1].traceback
     reports = [reader.recv() for _ in range(3)]
     assert reports == [("ready", pid, None), ("started", pid, 1), ("started", pid, 2)]
@@ -605,7 +609,7 @@ def test_the_memory_cap_turns_loky_leak_check_into_an_rss_limit(
 def test_a_deadline_of_a_request_that_finished_is_ignored() -> None:
     ledger = _pool._Ledger(timeout_s=1.0)
     assert ledger.add("x", Future()) is None
-    (request,) = ledger.take_batch(capacity=1)
+    (request,) = ledger.take_batch(capacity=1, limit=1)
     ledger.note_started([(request.request_id, 1234)], now=0.0)
     assert ledger.seconds_to_next_deadline(now=0.25) == 0.75
     assert [settled for settled, _ in ledger.settle([_pool._Outcome(0, reply="r")])] == [request]
@@ -638,3 +642,16 @@ def test_zombie_children_do_not_count_as_live() -> None:
         assert zombie.pid not in _pool._live_child_pids()
     finally:
         zombie.wait()
+
+
+def test_light_handlers_are_batched_and_heavy_ones_pipelined() -> None:
+    sizing = _pool._TaskSizing(workers=2)
+    assert (sizing.capacity(), sizing.batch_limit()) == (4, 1)  # unmeasured counts as heavy
+    sizing.observe([])
+    assert not sizing.is_light()
+    sizing.observe([_pool._Outcome(1, elapsed_s=0.00001)] * 3)
+    assert sizing.is_light()
+    assert (sizing.capacity(), sizing.batch_limit()) == (2, _pool.MAX_BATCH_SIZE)
+    for _ in range(20):
+        sizing.observe([_pool._Outcome(1, elapsed_s=0.01)])
+    assert (sizing.capacity(), sizing.batch_limit()) == (4, 1)
