@@ -58,7 +58,15 @@ class Dispatcher(abc.ABC):
 
     ``start`` is called once before the first request, ``submit`` only from
     the I/O thread, ``shutdown`` once after the last reply was written.
+
+    Attributes:
+        times_requests_out: the dispatcher enforces ``request_timeout`` itself,
+            from the moment a handler starts (failing the future with a
+            :class:`TimeoutError`); otherwise the I/O loop counts it from
+            the moment the request was read.
     """
+
+    times_requests_out = False
 
     def start(self) -> None:  # noqa: B027 - most dispatchers need no warm-up
         """Prepare to run handlers (warm a pool); errors raise from here."""

@@ -54,7 +54,7 @@ class _Connection:
 
     __slots__ = (
         "accepted_at",
-        "deadline",
+        "deadlines",
         "events",
         "future",
         "outgoing",
@@ -71,7 +71,7 @@ class _Connection:
         self.accepted_at = now
         self.phase = READING
         self.events = 0
-        self.deadline: float | None = None
+        self.deadlines: _Deadlines | None = None
         self.future: Future[str] | None = None
         self.outgoing = memoryview(b"")
 
@@ -79,36 +79,43 @@ class _Connection:
 class _Deadlines:
     """Deadlines of one phase and one duration, hence already in time order.
 
-    An entry goes stale when its connection leaves the phase; stale entries
-    are skipped when they come up.
+    Held in an insertion-ordered dict keyed by connection, so a connection
+    leaving the phase (or closing) is forgotten at once: nothing keeps a
+    finished connection, or its buffers, alive until its deadline.
     """
 
-    def __init__(self, phase: str, duration_s: float | None) -> None:
-        self._phase = phase
+    def __init__(self, duration_s: float | None) -> None:
         self._duration_s = duration_s
-        self._entries: collections.deque[tuple[float, _Connection]] = collections.deque()
+        self._entries: dict[_Connection, float] = {}
 
     def schedule(self, conn: _Connection, now: float) -> None:
         """Give ``conn`` this phase's deadline, counted from ``now``."""
-        if self._duration_s is None:
-            conn.deadline = None
-            return
-        conn.deadline = now + self._duration_s
-        self._entries.append((conn.deadline, conn))
+        if conn.deadlines is not None:
+            conn.deadlines.discard(conn)
+        if self._duration_s is not None:
+            self._entries[conn] = now + self._duration_s
+            conn.deadlines = self
+
+    def discard(self, conn: _Connection) -> None:
+        """Forget ``conn``'s deadline in this phase."""
+        self._entries.pop(conn, None)
+        conn.deadlines = None
 
     def pop_expired(self, now: float) -> list[_Connection]:
-        """Remove and return the connections whose deadline in this phase has passed."""
+        """Remove and return the connections whose deadline has passed."""
         expired = []
         entries = self._entries
-        while entries and entries[0][0] <= now:
-            deadline, conn = entries.popleft()
-            if conn.phase == self._phase and conn.deadline == deadline:
-                expired.append(conn)
+        while entries:
+            conn, deadline = next(iter(entries.items()))
+            if deadline > now:
+                break
+            self.discard(conn)
+            expired.append(conn)
         return expired
 
     def next_deadline(self) -> float | None:
-        """The earliest deadline held (possibly stale), or ``None``."""
-        return self._entries[0][0] if self._entries else None
+        """The earliest deadline held, or ``None``."""
+        return next(iter(self._entries.values()), None)
 
 
 class IOLoop:
@@ -159,9 +166,9 @@ class IOLoop:
         self._in_flight: dict[Future[str], _Connection] = {}
         self._queued: collections.deque[tuple[_Connection, str]] = collections.deque()
         self._completed: collections.deque[Future[str]] = collections.deque()
-        self._read_deadlines = _Deadlines(READING, read_timeout_s)
-        self._request_deadlines = _Deadlines(WAITING, request_timeout_s)
-        self._write_deadlines = _Deadlines(WRITING, read_timeout_s)
+        self._read_deadlines = _Deadlines(read_timeout_s)
+        self._request_deadlines = _Deadlines(request_timeout_s)
+        self._write_deadlines = _Deadlines(read_timeout_s)
 
     # -- control, from any thread -------------------------------------------------
 
@@ -369,14 +376,23 @@ class IOLoop:
         (or its future was cancelled, say by an executor shut down under it)."""
         exc = CancelledError() if future.cancelled() else future.exception()
         if exc is not None:
-            self.stats.failed += 1
-            logger.error("handle_request failed for %s", conn.peer, exc_info=exc)
-            self._close(conn)
+            self._fail(conn, exc)
             return
+        self._forget_deadline(conn)
         conn.phase = WRITING
         conn.future = None
         conn.outgoing = memoryview(encode_message(future.result()))
         self._write(conn)
+
+    def _fail(self, conn: _Connection, exc: BaseException) -> None:
+        """Log why there is no reply, count it, and close the connection."""
+        if isinstance(exc, TimeoutError):  # the dispatcher enforced request_timeout
+            self.stats.timed_out += 1
+            logger.warning("request from %s timed out: %s; no reply", conn.peer, exc)
+        else:
+            self.stats.failed += 1
+            logger.error("handle_request failed for %s", conn.peer, exc_info=exc)
+        self._close(conn)
 
     def _write(self, conn: _Connection) -> None:
         """Send what the socket takes; close once the whole reply is out."""
@@ -406,6 +422,12 @@ class IOLoop:
             self._drop(conn, "write timeout")
         for conn in self._request_deadlines.pop_expired(now):
             self._time_out_request(conn)
+
+    @staticmethod
+    def _forget_deadline(conn: _Connection) -> None:
+        """Drop the connection's deadline in whatever phase it is."""
+        if conn.deadlines is not None:
+            conn.deadlines.discard(conn)
 
     def _time_out_request(self, conn: _Connection) -> None:
         """Give up on a handler that ran too long: no reply, the connection closes."""
@@ -444,6 +466,7 @@ class IOLoop:
     def _close(self, conn: _Connection) -> None:
         """The one place a connection ends: SHUT_WR, then close, whatever happens."""
         self._unwatch(conn)
+        self._forget_deadline(conn)
         conn.phase = CLOSED
         self._connections.discard(conn)
         try:

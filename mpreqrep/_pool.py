@@ -347,6 +347,7 @@ class _Ledger:
         self._waiting: deque[_Request] = deque()
         self._in_flight: dict[int, _Request] = {}
         self._deadlines: deque[tuple[float, _Request]] = deque()
+        self._latest_by_pid: dict[int, _Request] = {}
         self._counts = dict.fromkeys(_STATS_COUNTERS, 0)
         self._refusal: str | None = None
 
@@ -394,12 +395,21 @@ class _Ledger:
             ]
 
     def note_started(self, starts: list[tuple[int, int]], now: float) -> None:
-        """Record the worker pid and deadline of each ``(request id, pid)`` that started."""
+        """Record the worker pid and deadline of each ``(request id, pid)`` that started.
+
+        A worker runs its batch in order, so a start also means the request it
+        started before has finished: that one's deadline no longer applies,
+        although its reply travels with the rest of the batch.
+        """
         with self._lock:
             for request_id, pid in starts:
+                finished = self._latest_by_pid.pop(pid, None)
+                if finished is not None:
+                    finished.deadline = None
                 request = self._in_flight.get(request_id)
                 if request is None:  # its outcome came first
                     continue
+                self._latest_by_pid[pid] = request
                 request.pid = pid
                 request.started = next(self._starts)
                 if self._timeout_s is not None:
@@ -638,6 +648,8 @@ class ProcessPoolDispatcher(Dispatcher):
     Raises:
         ValueError: an argument is out of range.
     """
+
+    times_requests_out = True
 
     def __init__(
         self,

@@ -244,7 +244,7 @@ class RequestServer(threading.Thread):
             runtime.listener,
             dispatcher,
             read_timeout_s=options.read_timeout_s,
-            request_timeout_s=options.request_timeout_s,
+            request_timeout_s=None if dispatcher.times_requests_out else options.request_timeout_s,
             max_request_size=options.max_request_size,
             max_pending=options.max_pending,
             on_accept=_print_accept if options.verbose else None,

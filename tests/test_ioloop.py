@@ -225,3 +225,20 @@ def test_cancelled_future_closes_that_connection_and_serving_goes_on(
     dispatcher.futures[1][1].set_result("alive")
     client.join(10 * UNIT)
     assert replies == ["", "alive\r\n"]
+
+
+def test_answered_connections_hold_no_deadline(serving: list[IOLoop]) -> None:
+    """A finished connection must not wait in a deadline queue (and keep its buffers)."""
+    from mpreqrep._dispatch import InlineDispatcher
+
+    server = mpreqrep.RequestServer("localhost:0")
+    listener = socket.create_server(("127.0.0.1", 0), backlog=64)
+    loop = start_loop(serving, listener, InlineDispatcher(server), request_timeout_s=60 * UNIT)
+    address = f"localhost:{listener.getsockname()[1]}"
+    for index in range(20):
+        assert mpreqrep.do_request(address, f"{index}", 10 * UNIT) == f"Requested: {index}\r\n"
+    queues = (loop._read_deadlines, loop._request_deadlines, loop._write_deadlines)
+    assert wait_until(lambda: not any(queue._entries for queue in queues), 10 * UNIT)
+    assert loop._select_timeout() is None
+    server.stop()
+    server.run()
