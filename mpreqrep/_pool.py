@@ -46,6 +46,7 @@ import multiprocessing
 import os
 import pickle
 import signal
+import struct
 import threading
 import time
 import traceback
@@ -93,6 +94,9 @@ _MAX_REPORT_TEXT = 3000
 Linux's PIPE_BUF, so its write is atomic and a killed worker never leaves half of one."""
 _Report = tuple[str, int, Any]
 """A worker's message on its report pipe: (kind, worker pid, request id or traceback)."""
+_FRAME_HEADER = struct.Struct("!i")
+"""The length prefix of a report: multiprocessing.Connection's own framing."""
+_READ_CHUNK_SIZE = 65536
 
 _STATS_COUNTERS = (
     "crashed",
@@ -134,19 +138,28 @@ class _Outcome(NamedTuple):
     elapsed_s: float = 0.0
 
 
+def _write_report(reports: Connection, report: _Report) -> None:
+    """Send one report in a single write of less than PIPE_BUF bytes.
+
+    Such a write is atomic: reports of several workers never interleave, so
+    no lock is needed, and the parent can read them in bulk
+    (:meth:`_Pool.read_reports_nowait`).
+    """
+    data = pickle.dumps(report)
+    os.write(reports.fileno(), _FRAME_HEADER.pack(len(data)) + data)
+
+
 @dataclass
 class _WorkerState:
     """The handler copy of one worker process and the pipe it reports on."""
 
     handler: Handler
     reports: Connection
-    report_lock: Any
     pid: int
 
     def report(self, kind: str, payload: object = None) -> None:
-        """Send one message to the supervisor (the lock keeps messages whole)."""
-        with self.report_lock:
-            self.reports.send((kind, self.pid, payload))
+        """Send one message to the supervisor."""
+        _write_report(self.reports, (kind, self.pid, payload))
 
     def serve(self, request_id: int, request: str) -> _Outcome:
         """Report the start, run the handler, and capture its reply or error."""
@@ -163,15 +176,12 @@ class _WorkerState:
 _worker: _WorkerState | None = None
 
 
-def _init_worker(
-    payload: bytes, reports: Connection, report_lock: Any, max_rss: int | None
-) -> None:
+def _init_worker(payload: bytes, reports: Connection, max_rss: int | None) -> None:
     """Load this worker's handler copy; loky runs this once per (re)spawned worker.
 
     Args:
         payload: the pickled handler, made once by the parent.
         reports: write end of the pool's report pipe.
-        report_lock: a process-shared lock serialising writes to ``reports``.
         max_rss: RSS in bytes past which the worker is recycled, or ``None``.
 
     Raises:
@@ -186,12 +196,11 @@ def _init_worker(
     try:
         handler = pickle.loads(payload)
     except BaseException:
-        with report_lock:
-            reports.send((_INIT_FAILED, pid, traceback.format_exc()[-_MAX_REPORT_TEXT:]))
+        _write_report(reports, (_INIT_FAILED, pid, traceback.format_exc()[-_MAX_REPORT_TEXT:]))
         raise
     if max_rss is not None:
         _cap_rss(max_rss)
-    _worker = _WorkerState(handler, reports, report_lock, pid)
+    _worker = _WorkerState(handler, reports, pid)
     _worker.report(_READY)
 
 
@@ -509,6 +518,8 @@ class _Pool:
     def __init__(self, executor: Any, reports: Connection, report_writer: Connection) -> None:
         self.executor = executor
         self.reports = reports
+        os.set_blocking(reports.fileno(), False)
+        self._report_buffer = bytearray()
         self._report_writer = report_writer
         self._lock = threading.Lock()
         self._workers: dict[int, _WorkerInfo] = {}
@@ -528,7 +539,7 @@ class _Pool:
             max_workers=workers,
             context=context,
             initializer=_init_worker,
-            initargs=(payload, writer, context.Lock(), max_rss),
+            initargs=(payload, writer, max_rss),
         )
         return cls(executor, reports, writer)
 
@@ -594,11 +605,21 @@ class _Pool:
         )
 
     def read_reports_nowait(self) -> list[_Report]:
-        """Every report the workers wrote so far."""
+        """Every complete report the workers wrote so far, read in bulk."""
+        buffer = self._report_buffer
+        with contextlib.suppress(BlockingIOError):
+            while chunk := os.read(self.reports.fileno(), _READ_CHUNK_SIZE):
+                buffer += chunk
         reports: list[_Report] = []
-        with contextlib.suppress(EOFError):  # only once closing: no writer is left
-            while self.reports.poll():
-                reports.append(self.reports.recv())
+        start = 0
+        while len(buffer) - start >= _FRAME_HEADER.size:
+            (size,) = _FRAME_HEADER.unpack_from(buffer, start)
+            end = start + _FRAME_HEADER.size + size
+            if end > len(buffer):
+                break
+            reports.append(pickle.loads(buffer[start + _FRAME_HEADER.size : end]))
+            start = end
+        del buffer[:start]
         return reports
 
     def close(self) -> list[_Report]:

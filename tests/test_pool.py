@@ -543,22 +543,22 @@ def test_a_task_that_fails_as_a_whole_fails_each_of_its_requests() -> None:
 
 
 @pytest.fixture
-def report_pipe(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Any, Any, Any]]:
-    """A report pipe and lock, with the worker globals restored afterwards."""
+def report_pipe(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Any, Any]]:
+    """A report pipe, with the worker globals restored afterwards."""
     monkeypatch.setattr(_pool, "_worker", None)
     sigint_handler = signal.getsignal(signal.SIGINT)  # _init_worker ignores SIGINT
     reader, writer = multiprocessing.Pipe(duplex=False)
-    yield reader, writer, multiprocessing.Lock()
+    yield reader, writer
     reader.close()
     writer.close()
     signal.signal(signal.SIGINT, sigint_handler)
 
 
 def test_the_worker_entry_reports_starts_and_captures_outcomes(
-    report_pipe: tuple[Any, Any, Any],
+    report_pipe: tuple[Any, Any],
 ) -> None:
-    reader, writer, lock = report_pipe
-    _pool._init_worker(pickle.dumps(Commands()), writer, lock, None)
+    reader, writer = report_pipe
+    _pool._init_worker(pickle.dumps(Commands()), writer, None)
     pid, outcomes = _pool._serve_batch([(1, "echo:a"), (2, "raise")])
     assert pid == os.getpid()
     assert outcomes[0]._replace(elapsed_s=0.0) == _pool._Outcome(1, reply="a")
@@ -569,34 +569,34 @@ def test_the_worker_entry_reports_starts_and_captures_outcomes(
 
 
 def test_a_worker_that_cannot_load_the_handler_reports_why(
-    report_pipe: tuple[Any, Any, Any],
+    report_pipe: tuple[Any, Any],
 ) -> None:
-    reader, writer, lock = report_pipe
+    reader, writer = report_pipe
     with pytest.raises(pickle.UnpicklingError):
-        _pool._init_worker(b"not a pickle", writer, lock, None)
+        _pool._init_worker(b"not a pickle", writer, None)
     kind, pid, text = reader.recv()
     assert (kind, pid) == ("init-failed", os.getpid())
     assert "UnpicklingError" in text
 
 
 def test_a_handler_error_that_does_not_pickle_is_sent_as_text(
-    report_pipe: tuple[Any, Any, Any],
+    report_pipe: tuple[Any, Any],
 ) -> None:
-    _, writer, lock = report_pipe
-    _pool._init_worker(pickle.dumps(Commands()), writer, lock, None)
+    _, writer = report_pipe
+    _pool._init_worker(pickle.dumps(Commands()), writer, None)
     _, (result,) = _pool._serve_batch([(1, "raise-unpicklable")])
     assert isinstance(result.error, RuntimeError)
     assert "BadReplyError: 7: no round trip" in str(result.error)
 
 
 def test_the_memory_cap_turns_loky_leak_check_into_an_rss_limit(
-    report_pipe: tuple[Any, Any, Any], monkeypatch: pytest.MonkeyPatch
+    report_pipe: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     for name in ("_get_memory_usage", "_MEMORY_LEAK_CHECK_DELAY", "_MAX_MEMORY_LEAK_SIZE"):
         monkeypatch.setattr(loky_executor, name, getattr(loky_executor, name))
-    _, writer, lock = report_pipe
+    _, writer = report_pipe
     cap = 10**12
-    _pool._init_worker(pickle.dumps(Echo("")), writer, lock, cap)
+    _pool._init_worker(pickle.dumps(Echo("")), writer, cap)
     reference = loky_executor._get_memory_usage(os.getpid(), force_gc=True)
     assert loky_executor._MEMORY_LEAK_CHECK_DELAY < 0  # checked after every task
     assert reference + loky_executor._MAX_MEMORY_LEAK_SIZE == cap  # recycles at rss >= cap
