@@ -95,8 +95,6 @@ async def _receive(reader: asyncio.StreamReader) -> str:
             data = await reader.read(RECV_CHUNK_SIZE)
         except ConnectionError:
             data = b""
-        if not data:
-            return receiver.receive_eof()
-        reply = receiver.receive_data(data)
+        reply = receiver.receive(data)
         if reply is not None:
             return reply

@@ -86,8 +86,6 @@ def _receive_reply(sock: socket.socket, deadline: float | None) -> str:
             data = sock.recv(RECV_CHUNK_SIZE)
         except ConnectionResetError:
             data = b""
-        if not data:
-            return receiver.receive_eof()
-        reply = receiver.receive_data(data)
+        reply = receiver.receive(data)
         if reply is not None:
             return reply

@@ -73,6 +73,17 @@ class LineReceiver:
             raise RequestTooLargeError(f"no CRLF within {self._max_size} bytes")
         return None if end < 0 else decode_message(bytes(buffer[:size]))
 
+    def receive(self, data: bytes) -> str | None:
+        """Feed what one read returned: bytes, or ``b""`` at EOF.
+
+        Returns:
+            The message once complete (at its CRLF, or at EOF), else ``None``.
+
+        Raises:
+            RequestTooLargeError: as :meth:`receive_data`.
+        """
+        return self.receive_data(data) if data else self.receive_eof()
+
     def receive_eof(self) -> str:
         """Return what arrived before EOF, decoded: a message without CRLF."""
         return decode_message(bytes(self._buffer))

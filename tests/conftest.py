@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import socket
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -59,3 +61,23 @@ def running(
         server.stop()
         server.join(timeout=30 * UNIT)
         assert not server.is_alive(), "server did not stop"
+
+
+def serve_once(reply: bytes | None) -> tuple[int, threading.Thread, list[bytes]]:
+    """Accept one connection, record what the client sent, send ``reply`` and close."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    received: list[bytes] = []
+
+    def handle() -> None:
+        with listener, listener.accept()[0] as conn:
+            conn.settimeout(10 * UNIT)
+            chunks = []
+            while chunk := conn.recv(4096):
+                chunks.append(chunk)
+            received.append(b"".join(chunks))
+            if reply is not None:
+                conn.sendall(reply)
+
+    thread = threading.Thread(target=handle, daemon=True)
+    thread.start()
+    return listener.getsockname()[1], thread, received

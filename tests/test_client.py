@@ -12,7 +12,7 @@ import pytest
 
 import mpreqrep
 
-from .conftest import UNIT, running
+from .conftest import UNIT, running, serve_once
 
 
 @pytest.fixture
@@ -25,26 +25,6 @@ def silent_listener() -> Iterator[socket.socket]:
 def free_port() -> int:
     with socket.create_server(("127.0.0.1", 0)) as probe:
         return int(probe.getsockname()[1])
-
-
-def serve_once(reply: bytes | None) -> tuple[int, threading.Thread, list[bytes]]:
-    """Accept one connection, record what the client sent, send ``reply`` and close."""
-    listener = socket.create_server(("127.0.0.1", 0))
-    received: list[bytes] = []
-
-    def handle() -> None:
-        with listener, listener.accept()[0] as conn:
-            conn.settimeout(10 * UNIT)
-            chunks = []
-            while chunk := conn.recv(4096):
-                chunks.append(chunk)
-            received.append(b"".join(chunks))
-            if reply is not None:
-                conn.sendall(reply)
-
-    thread = threading.Thread(target=handle, daemon=True)
-    thread.start()
-    return listener.getsockname()[1], thread, received
 
 
 def test_round_trip() -> None:

@@ -128,3 +128,14 @@ def test_encode_then_frame_round_trips(text: str) -> None:
     framed = feed_whole(wire)
     assert framed.endswith("\r\n")
     assert text.startswith(framed[:-2]) or text == framed
+
+
+@pytest.mark.parametrize(
+    ("reads", "expected"),
+    [([b"ab", b"c\r\n"], "abc\r\n"), ([b"ab", b""], "ab"), ([b""], "")],
+)
+def test_receive_takes_reads_with_empty_meaning_eof(reads: list[bytes], expected: str) -> None:
+    receiver = LineReceiver()
+    results = [receiver.receive(data) for data in reads]
+    assert results[-1] == expected
+    assert all(result is None for result in results[:-1])

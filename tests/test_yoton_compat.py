@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import socket
-import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from types import ModuleType
 
 import pytest
 
 import mpreqrep
 
-from .conftest import UNIT, running, wait_until
+from .conftest import UNIT, running, serve_once, wait_until
 
 REQUESTS = ["hello", "with crlf\r\n", "", "unicode é ✓", "two\r\nlines", "trailing\n"]
 
@@ -42,23 +41,10 @@ def wait_for_yoton(yoton: ModuleType, address: str) -> None:
     assert wait_until(answers, 20 * UNIT), "yoton server never answered"
 
 
-def capture_client_bytes(send: object) -> bytes:
+def capture_client_bytes(send: Callable[[str], object]) -> bytes:
     """Run a client call against a raw socket; return the bytes it sent until EOF."""
-    listener = socket.create_server(("127.0.0.1", 0))
-    received: list[bytes] = []
-
-    def accept() -> None:
-        with listener, listener.accept()[0] as conn:
-            conn.settimeout(10 * UNIT)
-            chunks = []
-            while chunk := conn.recv(4096):
-                chunks.append(chunk)
-            received.append(b"".join(chunks))
-            conn.sendall(b"R\r\n")
-
-    thread = threading.Thread(target=accept)
-    thread.start()
-    send(f"localhost:{listener.getsockname()[1]}")  # type: ignore[operator]
+    port, thread, received = serve_once(b"R\r\n")
+    send(f"localhost:{port}")
     thread.join(10 * UNIT)
     return received[0]
 
