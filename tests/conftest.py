@@ -81,3 +81,18 @@ def serve_once(reply: bytes | None) -> tuple[int, threading.Thread, list[bytes]]
     thread = threading.Thread(target=handle, daemon=True)
     thread.start()
     return listener.getsockname()[1], thread, received
+
+
+def ask_all(address: str, requests: list[str], timeout: float = 30 * UNIT) -> list[str | None]:
+    """Send the requests at once, each from its own thread; the replies in order."""
+    replies: list[str | None] = [None] * len(requests)
+
+    def one(index: int) -> None:
+        replies[index] = mpreqrep.do_request(address, requests[index], timeout=timeout)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(requests))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(2 * timeout)
+    return replies

@@ -28,7 +28,14 @@ from workers.primes import PrimeServer
 
 from .conftest import UNIT, running, wait_until
 from .executor_handlers import ProbeServer
-from .test_executors import ECHOES, PRIME_LIMITS, ask, ask_all, thread_mode_replies, warm_up
+from .test_executors import (
+    ECHOES,
+    PRIME_LIMITS,
+    ask,
+    ask_all,
+    check_server_reaches_each_worker_once,
+    thread_mode_replies,
+)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -86,17 +93,7 @@ def test_identical_requests_each_run_although_dask_would_merge_them(
 
 
 def test_workers_get_the_server_once_then_only_requests(executor: Executor) -> None:
-    with running(ProbeServer, executor=executor) as server:
-        warm = warm_up(server.address)
-        copies_after_warmup = server.stats()["server_copies_sent"]
-        steady = ask_all(server.address, ["copies"] * 10)
-        assert server.stats()["server_copies_sent"] == copies_after_warmup
-    replies = [reply.split() for reply in warm + steady if reply is not None]
-    assert len(replies) == len(warm) + 10
-    copies_per_pid = {pid: int(copies) for pid, copies in replies}
-    assert len(copies_per_pid) == 2
-    assert 2 <= copies_after_warmup <= len(warm)
-    assert sum(copies_per_pid.values()) <= copies_after_warmup
+    check_server_reaches_each_worker_once(executor, steady_requests=10)
 
 
 def test_remote_exception_logs_a_traceback_and_closes_without_reply(

@@ -29,7 +29,7 @@ from mpreqrep._remote import CacheMiss, RemoteDispatcher, run_cached
 from workers.echo import EchoServer
 from workers.primes import PrimeServer
 
-from .conftest import UNIT, running, wait_until
+from .conftest import UNIT, ask_all, running, wait_until
 from .executor_handlers import ProbeServer
 
 pytestmark = pytest.mark.timeout(60)
@@ -69,21 +69,6 @@ def fresh_pool(request: pytest.FixtureRequest) -> Iterator[Executor]:
 
 def ask(address: str, request: str) -> str | None:
     return mpreqrep.do_request(address, request, timeout=30 * UNIT)
-
-
-def ask_all(address: str, requests: list[str]) -> list[str | None]:
-    """Send the requests at once, each from its own thread; replies in order."""
-    replies: list[str | None] = [None] * len(requests)
-
-    def one(index: int) -> None:
-        replies[index] = ask(address, requests[index])
-
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(requests))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60 * UNIT)
-    return replies
 
 
 def warm_up(address: str, workers: int = 2) -> list[str | None]:
@@ -130,22 +115,32 @@ def test_thread_pool_runs_the_server_itself(pools: dict[str, Executor]) -> None:
     assert thread_name.startswith("user-pool")
 
 
-@pytest.mark.parametrize("kind", PROCESS_KINDS)
-def test_workers_get_the_server_once_then_only_requests(
-    pools: dict[str, Executor], kind: str
-) -> None:
-    with running(ProbeServer, executor=pools[kind]) as server:
+def check_server_reaches_each_worker_once(executor: Executor, steady_requests: int) -> set[str]:
+    """Warm two workers up, then check no further copies of the server are sent.
+
+    Returns:
+        The pids of the workers that answered.
+    """
+    with running(ProbeServer, executor=executor) as server:
         warm = warm_up(server.address)
         copies_after_warmup = server.stats()["server_copies_sent"]
-        steady = ask_all(server.address, ["copies"] * 30)
+        steady = ask_all(server.address, ["copies"] * steady_requests)
         assert server.stats()["server_copies_sent"] == copies_after_warmup
     replies = [reply.split() for reply in warm + steady if reply is not None]
-    assert len(replies) == len(warm) + 30
+    assert len(replies) == len(warm) + steady_requests
     copies_per_pid = {pid: int(copies) for pid, copies in replies}
     assert len(copies_per_pid) == 2
     assert 2 <= copies_after_warmup <= len(warm)
     assert sum(copies_per_pid.values()) <= copies_after_warmup
-    assert str(os.getpid()) not in copies_per_pid
+    return set(copies_per_pid)
+
+
+@pytest.mark.parametrize("kind", PROCESS_KINDS)
+def test_workers_get_the_server_once_then_only_requests(
+    pools: dict[str, Executor], kind: str
+) -> None:
+    pids = check_server_reaches_each_worker_once(pools[kind], steady_requests=30)
+    assert str(os.getpid()) not in pids
 
 
 @pytest.mark.parametrize("kind", PROCESS_KINDS)

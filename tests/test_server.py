@@ -10,7 +10,7 @@ import pytest
 
 import mpreqrep
 
-from .conftest import UNIT, running, wait_until
+from .conftest import UNIT, ask_all, running, wait_until
 
 
 class OverlapCounter(mpreqrep.RequestServer):
@@ -45,18 +45,8 @@ class BarrierServer(mpreqrep.RequestServer):
 
 
 def fire(address: str, count: int, text: str = "x") -> list[str | None]:
-    """Send ``count`` requests at once, each from its own thread."""
-    replies: list[str | None] = [None] * count
-
-    def one(index: int) -> None:
-        replies[index] = mpreqrep.do_request(address, f"{text}{index}", timeout=30 * UNIT)
-
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(count)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60 * UNIT)
-    return replies
+    """Send ``count`` requests at once, ``text`` numbered, each from its own thread."""
+    return ask_all(address, [f"{text}{index}" for index in range(count)])
 
 
 def test_binds_in_init_and_reports_the_real_port() -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import pickle
-import threading
 import time
 from typing import Any
 
@@ -27,7 +26,7 @@ from workers.jsonrpc import (
 from workers.primes import DEFAULT_LIMIT, MAX_LIMIT, PrimeServer, count_primes, parse_limit
 from workers.slow_io import DEFAULT_DELAY_S, MAX_DELAY_S, SlowIOServer, parse_delay
 
-from .conftest import UNIT, running
+from .conftest import UNIT, ask_all, running
 
 ALL_SERVERS = [EchoServer, PrimeServer, JsonRpcServer, SlowIOServer]
 
@@ -42,24 +41,6 @@ def unstarted(server_class: type[mpreqrep.RequestServer]) -> mpreqrep.RequestSer
 
 def call(server_class: type[mpreqrep.RequestServer], request: str) -> str:
     return unstarted(server_class).handle_request(request)
-
-
-def fire(address: str, requests: list[str]) -> list[str | None]:
-    """Send the requests at once, each from its own thread."""
-    replies: list[str | None] = [None] * len(requests)
-
-    def one(index: int) -> None:
-        replies[index] = mpreqrep.do_request(address, requests[index], timeout=30 * UNIT)
-
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(requests))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60 * UNIT)
-    return replies
-
-
-# -- all of them --------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("server_class", ALL_SERVERS)
@@ -132,7 +113,7 @@ def test_prime_server_replies_with_the_count() -> None:
 
 def test_primes_over_a_process_pool() -> None:
     with running(PrimeServer, workers=2) as server:
-        replies = fire(server.address, ["1000", "garbage", "100", "10"])
+        replies = ask_all(server.address, ["1000", "garbage", "100", "10"])
         assert mpreqrep.do_request(server.address, "2", timeout=30 * UNIT) == "1\r\n"
     assert replies == ["168\r\n", "", "25\r\n", "4\r\n"]
 
@@ -301,7 +282,7 @@ def test_async_mode_overlaps_waiting_handlers(async_val: bool) -> None:
     count = 4
     with running(SlowIOServer, async_val=async_val) as server:
         started = time.monotonic()
-        replies = fire(server.address, [str(delay)] * count)
+        replies = ask_all(server.address, [str(delay)] * count)
         elapsed = time.monotonic() - started
     assert replies == [f"slept {delay}\r\n"] * count
     if async_val:
