@@ -655,3 +655,18 @@ def test_light_handlers_are_batched_and_heavy_ones_pipelined() -> None:
     for _ in range(20):
         sizing.observe([_pool._Outcome(1, elapsed_s=0.01)])
     assert (sizing.capacity(), sizing.batch_limit()) == (4, 1)
+
+
+def test_a_batch_mate_finished_before_a_hung_request_is_not_timed_out(
+    make: MakeDispatcher,
+) -> None:
+    dispatcher = make(Commands(), 1, timeout_s=1.0 * UNIT)
+    for index in range(5):  # measured as light, so waiting requests travel in batches
+        assert outcome(dispatcher.submit(f"echo:{index}")) == str(index)
+    busy = dispatcher.submit("sleep:0.3")
+    batch = [dispatcher.submit(text) for text in ("echo:before", "hang", "echo:after")]
+    assert isinstance(outcome(busy), str)
+    before, hung, after = (outcome(future, 60 * UNIT) for future in batch)
+    assert isinstance(hung, HandlerTimeoutError)
+    assert (before, after) == ("before", "after")
+    assert dispatcher.stats()["timed_out"] == 1
