@@ -440,6 +440,7 @@ def test_a_worker_past_its_memory_cap_is_recycled_between_requests(
     after = [outcome(dispatcher.submit("pid")) for _ in range(3)]
     assert all(not isinstance(reply, BaseException) for reply in after)
     assert after[0] != first
+    assert wait_until(lambda: dispatcher.stats()["recycled"] == 1, 10 * UNIT)
     stats = dispatcher.stats()
     assert (stats["recycled"], stats["pool_rebuilds"], stats["crashed"]) == (1, 0, 0)
     assert not alive(int(str(first)))
@@ -670,3 +671,13 @@ def test_a_batch_mate_finished_before_a_hung_request_is_not_timed_out(
     assert isinstance(hung, HandlerTimeoutError)
     assert (before, after) == ("before", "after")
     assert dispatcher.stats()["timed_out"] == 1
+
+
+def test_start_reports_are_drained_when_submit_dispatches_by_itself(
+    make: MakeDispatcher,
+) -> None:
+    """Thousands of requests dispatched from submit() must not fill the report pipe."""
+    dispatcher = make(Echo("e:"), 1)
+    count = 3 * 2000  # a 64 KiB pipe holds about 1,900 start reports
+    for index in range(count):
+        assert outcome(dispatcher.submit(f"{index}"), 10 * UNIT) == f"e:{index}"
