@@ -62,7 +62,7 @@ class Dispatcher(abc.ABC):
     Attributes:
         times_requests_out: the dispatcher enforces ``request_timeout`` itself,
             from the moment a handler starts (failing the future with a
-            :class:`TimeoutError`); otherwise the I/O loop counts it from
+            :class:`~mpreqrep._errors.RequestTimeoutError`); otherwise the I/O loop counts it from
             the moment the request was read.
     """
 

@@ -19,5 +19,9 @@ class RequestTooLargeError(ValueError):
     """A message grew past its size cap before its first CRLF arrived."""
 
 
+class RequestTimeoutError(TimeoutError):
+    """A dispatcher gave up on a handler that ran past ``request_timeout``."""
+
+
 class HandlerReturnTypeError(TypeError):
     """``handle_request`` returned something other than a ``str``."""

@@ -35,7 +35,7 @@ from collections.abc import Callable
 from concurrent.futures import CancelledError, Future
 
 from ._dispatch import Dispatcher
-from ._errors import RequestTooLargeError
+from ._errors import RequestTimeoutError, RequestTooLargeError
 from ._framing import LineReceiver, encode_message
 from ._stats import ServerStats
 
@@ -386,7 +386,7 @@ class IOLoop:
 
     def _fail(self, conn: _Connection, exc: BaseException) -> None:
         """Log why there is no reply, count it, and close the connection."""
-        if isinstance(exc, TimeoutError):  # the dispatcher enforced request_timeout
+        if isinstance(exc, RequestTimeoutError):  # not a handler's own TimeoutError
             self.stats.timed_out += 1
             logger.warning("request from %s timed out: %s; no reply", conn.peer, exc)
         else:

@@ -64,6 +64,7 @@ from loky.backend import get_context
 from loky.backend.reduction import dumps as loky_dumps
 
 from ._dispatch import Dispatcher, Handler, run_handler
+from ._errors import RequestTimeoutError
 
 logger = logging.getLogger("mpreqrep")
 
@@ -121,7 +122,7 @@ class WorkerCrashError(RuntimeError):
     """The worker process running the request died, or it broke the pool twice."""
 
 
-class HandlerTimeoutError(TimeoutError):
+class HandlerTimeoutError(RequestTimeoutError):
     """The handler ran past ``request_timeout_s``; its worker was killed."""
 
 

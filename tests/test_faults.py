@@ -179,3 +179,17 @@ def test_open_descriptors_return_to_baseline_after_good_and_bad_clients() -> Non
             process.num_fds(),
             baseline,
         )
+
+
+def test_a_handlers_own_timeout_error_is_a_failure_with_traceback(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    class SlowBackend(mpreqrep.RequestServer):
+        def handle_request(self, request: str) -> str:
+            raise TimeoutError("the database did not answer")
+
+    with caplog.at_level(logging.ERROR, logger="mpreqrep"), running(SlowBackend) as server:
+        assert mpreqrep.do_request(server.address, "q") == ""
+        assert wait_until(lambda: server.stats()["failed"] == 1, 5 * UNIT)
+        assert server.stats()["timed_out"] == 0
+    assert any(record.exc_info for record in caplog.records)
