@@ -34,7 +34,7 @@ torture = load_torture()
 
 SMALL = torture.Scale(
     unit=UNIT,
-    phase_cap_s=15.0,
+    phase_cap_s=30.0,
     chaos_requests=300,
     chaos_concurrency=16,
     chaos_kill_every_s=(0.1, 0.3),
@@ -43,7 +43,7 @@ SMALL = torture.Scale(
     slow_probes=60,
     garbage_rounds=3,
     garbage_good_requests=100,
-    stuck_good_requests=200,
+    stuck_good_requests=60,  # thread mode: two spinning handlers starve every other thread
     leak_requests=8,
     leak_good_requests=100,
     leak_mib=32,
