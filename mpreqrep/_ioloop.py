@@ -214,20 +214,12 @@ class IOLoop:
 
     def _select_timeout(self) -> float | None:
         """Seconds until the next deadline (or accept back-off), ``None`` if none."""
-        candidates = [
-            deadline
-            for deadline in (
-                self._read_deadlines.next_deadline(),
-                self._request_deadlines.next_deadline(),
-                self._write_deadlines.next_deadline(),
-            )
-            if deadline is not None
-        ]
-        if self._accept_paused_until:
-            candidates.append(self._accept_paused_until)
-        if not candidates:
-            return None
-        return max(min(candidates) - time.monotonic(), 0.0)
+        earliest = self._accept_paused_until or None
+        for deadlines in (self._read_deadlines, self._request_deadlines, self._write_deadlines):
+            deadline = deadlines.next_deadline()
+            if deadline is not None and (earliest is None or deadline < earliest):
+                earliest = deadline
+        return None if earliest is None else max(earliest - time.monotonic(), 0.0)
 
     # -- accepting ----------------------------------------------------------------------
 

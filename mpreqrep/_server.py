@@ -42,7 +42,7 @@ class _Options:
 
     async_val: bool
     verbose: int
-    workers: int | str | None
+    workers: int | None
     request_timeout_s: float | None
     max_request_size: int
     read_timeout_s: float
@@ -121,7 +121,7 @@ class RequestServer(threading.Thread):
         self._options = _Options(
             async_val=bool(async_val),
             verbose=verbose,
-            workers=workers,
+            workers=_resolve_workers(workers),
             request_timeout_s=request_timeout,
             max_request_size=max_request_size,
             read_timeout_s=read_timeout,
@@ -273,10 +273,19 @@ def _check_options(options: _Options, executor: Executor | None) -> None:
     for name in ("max_request_size", "read_timeout_s", "max_threads"):
         if getattr(options, name) <= 0:
             raise ValueError(f"{name.removesuffix('_s')} must be positive")
-    if options.workers is not None:
-        from ._pool import resolve_worker_count
 
-        resolve_worker_count(options.workers)
+
+def _resolve_workers(workers: int | str | None) -> int | None:
+    """The worker count of process mode (``"auto"`` resolved once, here), or ``None``.
+
+    Raises:
+        ValueError: not an int >= 1 or ``"auto"``.
+    """
+    if workers is None:
+        return None
+    from ._pool import resolve_worker_count  # loky only for process mode
+
+    return resolve_worker_count(workers)
 
 
 def _make_dispatcher(
@@ -288,11 +297,11 @@ def _make_dispatcher(
 
         return executor_dispatcher(executor, server)
     if options.workers is not None:
-        from ._pool import ProcessPoolDispatcher, resolve_worker_count
+        from ._pool import ProcessPoolDispatcher
 
         return ProcessPoolDispatcher(
             server,
-            resolve_worker_count(options.workers),
+            options.workers,
             request_timeout_s=options.request_timeout_s,
             max_worker_memory=options.max_worker_memory,
         )

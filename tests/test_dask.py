@@ -33,6 +33,7 @@ from .test_executors import (
     PRIME_LIMITS,
     ask,
     ask_all,
+    check_crash_costs_only_its_own_request,
     check_server_reaches_each_worker_once,
     thread_mode_replies,
 )
@@ -117,16 +118,7 @@ def test_a_worker_dying_mid_request_costs_only_that_request(
         caplog.at_level(logging.ERROR, logger="mpreqrep"),
         running(ProbeServer, executor=executor) as server,
     ):
-        replies: list[str | None] = []
-        sender = threading.Thread(
-            target=lambda: replies.extend(ask_all(server.address, ["sleep 0.5"] * 3))
-        )
-        sender.start()
-        assert wait_until(lambda: server.stats()["in_flight"] == 3, 10 * UNIT)
-        assert ask(server.address, "crash") == ""
-        sender.join(60 * UNIT)
-        assert replies == ["slept 0.5\r\n"] * 3
-        assert ask_all(server.address, ["after"] * 4) == ["echo:after\r\n"] * 4
+        check_crash_costs_only_its_own_request(server)
     assert "KilledWorker" in caplog.text
     assert "giving up on a request" in caplog.text
     client.wait_for_workers(2, timeout=30 * UNIT)

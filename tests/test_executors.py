@@ -171,26 +171,31 @@ def test_remote_exception_logs_a_traceback_and_closes_without_reply(
     assert "handler exploded remotely" in caplog.text
 
 
+def check_crash_costs_only_its_own_request(server: mpreqrep.RequestServer) -> None:
+    """Three requests in flight beside one that kills its worker all get their replies,
+    and the server serves on."""
+    replies: list[str | None] = []
+    sender = threading.Thread(
+        target=lambda: replies.extend(ask_all(server.address, ["sleep 0.5"] * 3))
+    )
+    sender.start()
+    assert wait_until(lambda: server.stats()["in_flight"] == 3, 10 * UNIT)
+    assert ask(server.address, "crash") == ""
+    sender.join(60 * UNIT)
+    assert replies == ["slept 0.5\r\n"] * 3
+    assert ask_all(server.address, ["after"] * 4) == ["echo:after\r\n"] * 4
+
+
 @pytest.mark.parametrize("fresh_pool", PROCESS_KINDS, indirect=True)
 def test_a_crashing_worker_costs_only_its_own_request(
     fresh_pool: Executor, caplog: pytest.LogCaptureFixture
 ) -> None:
-    bystanders = ["sleep 0.5"] * 3
     with (
         caplog.at_level(logging.WARNING, logger="mpreqrep"),
         running(ProbeServer, executor=fresh_pool) as server,
     ):
         ask_all(server.address, ["warm"] * 4)
-        replies: list[str | None] = []
-        sender = threading.Thread(
-            target=lambda: replies.extend(ask_all(server.address, bystanders))
-        )
-        sender.start()
-        assert wait_until(lambda: server.stats()["in_flight"] == 3, 10 * UNIT)
-        assert ask(server.address, "crash") == ""
-        sender.join(60 * UNIT)
-        assert replies == ["slept 0.5\r\n"] * 3
-        assert ask_all(server.address, ["after"] * 4) == ["echo:after\r\n"] * 4
+        check_crash_costs_only_its_own_request(server)
         assert wait_until(lambda: server.stats()["served"] == 11, 5 * UNIT)
         stats = server.stats()
     assert stats["executor_replacements"] >= 1 and stats["crash_retries"] >= 2
