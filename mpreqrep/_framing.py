@@ -28,7 +28,7 @@ def encode_message(text: str) -> bytes:
     return text.encode(ENCODING)
 
 
-def decode_message(data: bytes) -> str:
+def decode_message(data: bytes | bytearray) -> str:
     """Decode received bytes as yoton does: UTF-8, invalid sequences dropped."""
     return data.decode(ENCODING, errors="ignore")
 
@@ -65,13 +65,21 @@ class LineReceiver:
                 ``max_size`` bytes (raised as soon as that is certain).
         """
         buffer = self._buffer
-        search_from = max(len(buffer) - 1, 0)
-        buffer += data
-        end = buffer.find(CRLF, search_from)
-        size = len(buffer) if end < 0 else end + 2
+        received: bytes | bytearray = data
+        search_from = 0
+        if buffer:  # else the usual whole message in one read: search it in place
+            search_from = len(buffer) - 1
+            buffer += data
+            received = buffer
+        end = received.find(CRLF, search_from)
+        size = len(received) if end < 0 else end + 2
         if self._max_size is not None and size > self._max_size:
             raise RequestTooLargeError(f"no CRLF within {self._max_size} bytes")
-        return None if end < 0 else decode_message(bytes(buffer[:size]))
+        if end >= 0:
+            return decode_message(received[:size])
+        if received is data:
+            buffer += data
+        return None
 
     def receive(self, data: bytes) -> str | None:
         """Feed what one read returned: bytes, or ``b""`` at EOF.
