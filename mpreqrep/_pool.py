@@ -1,85 +1,83 @@
 """Process mode: ``handle_request`` on copies of the server in a supervised loky pool.
 
-Owns everything about worker processes: the copy of the server each worker
-loads once, knowing which worker runs which request, rebuilding the pool when
-a worker dies, killing a handler that runs past its deadline, recycling a
-worker that outgrew its memory cap, and ``workers="auto"``. It is the only
-module that imports loky and psutil. It knows nothing of sockets: the I/O
-loop hands it request text and gets back a future of the reply text.
+Owns everything about worker processes in the parent: the copy of the server
+each worker loads once, a channel to each worker, knowing which worker runs
+which request, rebuilding the pool when a worker dies, killing a handler that
+runs past its deadline, recycling a worker that outgrew its memory cap, and
+``workers="auto"``. The worker side is :mod:`._worker`, the framing
+:mod:`._channel`. It knows nothing of client sockets: the I/O loop hands it
+request text and gets back a future of the reply text.
 
-Data crossing threads and processes::
+loky starts the processes, loads the handler in each (its initializer) and
+runs one long task per worker, :func:`~._worker.serve_channel`, which
+connects back to the parent. Requests then travel on those channels, not as
+loky tasks: a request costs one write each way, no trip through loky's
+manager and feeder threads. Data crossing threads and processes::
 
-    I/O thread          supervisor thread                     worker process (x N)
-    ----------          -----------------                     --------------------
-                                                              _init_worker, once per process:
-    submit(text)                                                unpickle the server copy,
-      │ append, wake                                            report READY ──────────────┐
-      ▼                                                                                    │
-    waiting ──────▶ take a batch [(id, text), ...] ──loky──▶ _serve_batch, per request:    │
-    deque           (sized by _TaskSizing)                     report STARTED(id) ─────────┤
-                                                               handle_request(text)        │
-                      ▲                                              │                     │
-                      │ wait(wake-up pipe, report pipe, ◀──── report pipe ◀────────────────┘
-                      │      timeout=next deadline)                  │
+    I/O thread              supervisor thread                worker process (x N)
+    ----------              -----------------                --------------------
+    submit(text) ─── a worker has room: frame [(id, text)] ──▶ serve_channel:
+      │ none has room                                           handle_request, in order
+      ▼                                                               │
+    waiting ──▶ top-up on each reply, [(id, text), ...] ──────────▶  │
+    deque       (one frame, sized by _TaskSizing)                     │
+                      ▲                                               │
+                      │ select(listener, channels, wake-up,           │
+                      │        timeout=next deadline) ◀── reply frame ┘
                       ├─▶ deadline passed: psutil kill of that worker's process tree
                       └─▶ pool broken: new pool, culprit fails, bystanders go again
-                                                                     │
-    future ◀── reply text or exception ◀── loky manager thread ◀─loky─┘
-               (set by the done callback)                     (pid, outcomes)
+                      │
+    future ◀── reply text or exception
 
-Each worker reports the request it starts on a pipe of its own pool. When one
-worker dies, loky fails every pending task of that pool with
-``BrokenProcessPool``; the supervisor then knows which request ran in the dead
-worker (it fails alone, with :class:`WorkerCrashError`) and resubmits every
-other one to a new pool. Memory recycling reuses loky's between-task exit
-handshake, so no request is lost (see :class:`_RssCap`).
+A worker answers its channel in order, so the oldest request without a reply
+on a channel is the one its worker runs. When a worker dies, loky fails the
+channel tasks with ``BrokenProcessPool``; the supervisor reads what the dead
+workers sent, fails the request that ran in the one that died on its own
+(:class:`WorkerCrashError`) and resubmits every other one to a new pool.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import gc
+import hmac
 import itertools
 import logging
-import multiprocessing
-import os
 import pickle
-import signal
-import struct
+import secrets
+import selectors
 import threading
 import time
-import traceback
 from collections import deque
+from collections.abc import Collection
 from concurrent.futures import Future, InvalidStateError
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass
-from multiprocessing.connection import Connection, wait
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import psutil
 from loky import ProcessPoolExecutor
-from loky import process_executor as loky_executor
 from loky.backend import get_context
 from loky.backend.reduction import dumps as loky_dumps
 
-from ._dispatch import Dispatcher, Handler, run_handler
+from ._channel import Channel, Listener, encode_frame
+from ._dispatch import Dispatcher, Handler
 from ._errors import RequestTimeoutError
+from ._worker import Hello, InitFailed, Outcome, Retiring, init_worker, serve_channel
 
 logger = logging.getLogger("mpreqrep")
 
-REPORTS_PER_DRAIN = 256
-"""Requests dispatched outside the supervisor before it is woken to read their
-start reports: far fewer than the ~1,900 reports a 64 KiB pipe holds."""
-
 MAX_BATCH_SIZE = 16
-"""Most requests sent to a worker in one loky task when many are waiting."""
+"""Most requests of a light handler in flight on one worker (sent in one frame when waiting)."""
+
+HEAVY_DEPTH = 2
+"""Requests of a heavy handler in flight on one worker: one running, one ready next."""
 
 LIGHT_HANDLER_S = 0.001
 """Handlers faster than this on average are batched; slower ones are pipelined."""
 
 HANDLER_TIME_SMOOTHING = 0.2
-"""Weight of the newest task in the moving average of the handler time."""
+"""Weight of the newest reply in the moving average of the handler time."""
 
 MAX_UNEXPLAINED_BREAKS = 2
 """A request running when the pool broke this often, with no culprit found, fails."""
@@ -90,19 +88,6 @@ WORKER_START_TIMEOUT_S = 60.0
 MAX_FUTILE_REBUILDS = 3
 """Pools in a row that broke before any worker loaded the handler: then give up."""
 
-_CHECK_EVERY_TASK_S = -1.0
-"""Makes loky's memory check, throttled to once per this many seconds, run every task."""
-
-_READY, _STARTED, _INIT_FAILED = "ready", "started", "init-failed"
-_MAX_REPORT_TEXT = 3000
-"""Characters of a traceback sent on the report pipe: a whole message stays below
-Linux's PIPE_BUF, so its write is atomic and a killed worker never leaves half of one."""
-_Report = tuple[str, int, Any]
-"""A worker's message on its report pipe: (kind, worker pid, request id or traceback)."""
-_FRAME_HEADER = struct.Struct("!i")
-"""The length prefix of a report: multiprocessing.Connection's own framing."""
-_READ_CHUNK_SIZE = 65536
-
 _STATS_COUNTERS = (
     "crashed",
     "timed_out",
@@ -110,7 +95,7 @@ _STATS_COUNTERS = (
     "resubmitted",
     "pool_rebuilds",
     "recycled",
-    "tasks",
+    "batches",
 )
 
 
@@ -130,157 +115,6 @@ class _RemoteTraceback(Exception):
     """The traceback, as text, of an error raised in a worker process."""
 
 
-# -- workers: run in the loky worker processes ------------------------------------------
-
-
-class _Outcome(NamedTuple):
-    """What became of one request in a worker: its reply, or an error and its traceback."""
-
-    request_id: int
-    reply: str = ""
-    error: BaseException | None = None
-    traceback: str = ""
-    elapsed_s: float = 0.0
-
-
-def _write_report(reports: Connection, report: _Report) -> None:
-    """Send one report in a single write of less than PIPE_BUF bytes.
-
-    Such a write is atomic: reports of several workers never interleave, so
-    no lock is needed, and the parent can read them in bulk
-    (:meth:`_Pool.read_reports_nowait`).
-    """
-    data = pickle.dumps(report)
-    os.write(reports.fileno(), _FRAME_HEADER.pack(len(data)) + data)
-
-
-@dataclass
-class _WorkerState:
-    """The handler copy of one worker process and the pipe it reports on."""
-
-    handler: Handler
-    reports: Connection
-    pid: int
-
-    def report(self, kind: str, payload: object = None) -> None:
-        """Send one message to the supervisor."""
-        _write_report(self.reports, (kind, self.pid, payload))
-
-    def serve(self, request_id: int, request: str) -> _Outcome:
-        """Report the start, run the handler, and capture its reply or error."""
-        self.report(_STARTED, request_id)
-        started = time.perf_counter()
-        try:
-            reply = run_handler(self.handler, request)
-        except BaseException as exc:  # the parent logs it when it fails the future
-            return _failed_outcome(request_id, exc)
-        # An exact str: a subclass might not unpickle in the parent and break the pool.
-        return _Outcome(request_id, str.__str__(reply), elapsed_s=time.perf_counter() - started)
-
-
-_worker: _WorkerState | None = None
-
-
-def _init_worker(payload: bytes, reports: Connection, max_rss: int | None) -> None:
-    """Load this worker's handler copy; loky runs this once per (re)spawned worker.
-
-    Args:
-        payload: the pickled handler, made once by the parent.
-        reports: write end of the pool's report pipe.
-        max_rss: RSS in bytes past which the worker is recycled, or ``None``.
-
-    Raises:
-        Exception: whatever unpickling raised, after reporting it (loky then
-            marks the pool broken).
-    """
-    global _worker
-    # Ctrl-C in a terminal signals the whole process group; the parent drains
-    # in-flight requests, so a worker must not die of it mid-request.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    pid = os.getpid()
-    try:
-        handler = pickle.loads(payload)
-    except BaseException:
-        _write_report(reports, (_INIT_FAILED, pid, traceback.format_exc()[-_MAX_REPORT_TEXT:]))
-        raise
-    if max_rss is not None:
-        _cap_rss(max_rss)
-    _worker = _WorkerState(handler, reports, pid)
-    _worker.report(_READY)
-
-
-def _serve_batch(batch: list[tuple[int, str]]) -> tuple[int, list[_Outcome]]:
-    """The worker entry: handle each ``(request id, text)`` in turn.
-
-    Args:
-        batch: the requests of one loky task; empty for a warm-up task.
-
-    Returns:
-        This worker's pid and one outcome per request, in order.
-    """
-    worker = _worker
-    assert worker is not None, "_serve_batch runs only in workers set up by _init_worker"
-    return worker.pid, [worker.serve(request_id, text) for request_id, text in batch]
-
-
-def _failed_outcome(request_id: int, exc: BaseException) -> _Outcome:
-    """The outcome of a handler that raised: a picklable error and its traceback."""
-    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-    return _Outcome(request_id, error=_portable(exc), traceback=text)
-
-
-def _portable(exc: BaseException) -> BaseException:
-    """``exc`` if it survives a pickle round trip, else a RuntimeError naming it.
-
-    An error that cannot be unpickled in the parent would break the whole pool.
-    """
-    try:
-        pickle.loads(loky_dumps(exc))
-    except Exception:  # the error is still reported, as text
-        summary = "".join(traceback.format_exception_only(type(exc), exc)).strip()
-        return RuntimeError(f"unpicklable handler error: {summary}")
-    return exc
-
-
-class _RssCap:
-    """Stands in for loky's worker memory probe so that its leak check caps RSS.
-
-    After every task, loky's worker loop compares the probe's reading with the
-    reading taken after the first task (the reference) and, past
-    ``_MAX_MEMORY_LEAK_SIZE`` bytes of growth, leaves through loky's clean exit
-    handshake; loky then spawns a replacement that runs ``_init_worker``
-    again. That is exactly "recycle between requests without failing one", but
-    loky measures growth, at most once a second, with one process-wide limit.
-    Setting that limit to ``max_rss - reference`` when the reference is taken,
-    and the throttle below zero, turns it into "RSS >= max_rss, checked after
-    every task". The first task a worker runs only takes the reference.
-    """
-
-    def __init__(self, max_rss: int) -> None:
-        self._max_rss = max_rss
-        self._process = psutil.Process()
-        self._calibrated = False
-
-    def __call__(self, pid: int, force_gc: bool = False) -> int:
-        """Return this worker's RSS in bytes, as loky's ``_get_memory_usage`` does."""
-        if force_gc:
-            gc.collect()
-        rss = int(self._process.memory_info().rss)
-        if not self._calibrated:
-            loky_executor._MAX_MEMORY_LEAK_SIZE = self._max_rss - rss
-            self._calibrated = True
-        return rss
-
-
-def _cap_rss(max_rss: int) -> None:
-    """Make loky's worker loop recycle this worker once its RSS reaches ``max_rss``."""
-    loky_executor._get_memory_usage = _RssCap(max_rss)
-    loky_executor._MEMORY_LEAK_CHECK_DELAY = _CHECK_EVERY_TASK_S
-
-
-# -- parent: the pool, the request book and the supervisor ------------------------------
-
-
 @dataclass(eq=False)
 class _Request:
     """One request from ``submit`` until its future is resolved."""
@@ -289,25 +123,30 @@ class _Request:
     text: str
     future: Future[str]
     dispatched: bool = False
-    pid: int | None = None
-    started: int = -1
     deadline: float | None = None
     unexplained_breaks: int = 0
 
 
 @dataclass(eq=False)
-class _WorkerInfo:
-    """A live worker as the parent sees it."""
+class _Link:
+    """One worker's channel as the parent sees it, with the requests sent on it.
 
+    The worker answers in order, so ``in_flight[0]`` is the request it runs.
+    """
+
+    channel: Channel
     pid: int
     process: Any
+    in_flight: deque[_Request] = field(default_factory=deque)
     served: int = 0
+    retiring: bool = False
+    events: int = selectors.EVENT_READ
 
 
 class _Verdict(NamedTuple):
     """Who pays for a broken pool."""
 
-    culprits: list[_Request]
+    culprits: list[tuple[_Request, int]]
     abandoned: list[_Request]
     retry: list[_Request]
 
@@ -320,7 +159,7 @@ class _Wakeup:
     """
 
     def __init__(self) -> None:
-        self.reader, self._writer = multiprocessing.Pipe(duplex=False)
+        self.reader, self._writer = get_context("loky").Pipe(duplex=False)
         self._lock = threading.Lock()
         self._pending = False
         self._closed = False
@@ -347,229 +186,53 @@ class _Wakeup:
             self._writer.close()
 
 
-class _Ledger:
-    """The dispatcher's requests and counters, behind one lock.
-
-    Waiting requests sit in arrival order; those handed to loky are in flight,
-    by id, until settled. The lock is held for book-keeping only, never while
-    calling loky or psutil or resolving a future (whose callbacks could
-    call back in), so ``submit`` never waits for long.
-    """
-
-    def __init__(self, timeout_s: float | None) -> None:
-        self._lock = threading.Lock()
-        self._timeout_s = timeout_s
-        self._ids = itertools.count()
-        self._starts = itertools.count()
-        self._waiting: deque[_Request] = deque()
-        self._in_flight: dict[int, _Request] = {}
-        self._deadlines: deque[tuple[float, _Request]] = deque()
-        self._latest_by_pid: dict[int, _Request] = {}
-        self._counts = dict.fromkeys(_STATS_COUNTERS, 0)
-        self._refusal: str | None = None
-
-    def add(self, text: str, future: Future[str]) -> Exception | None:
-        """Queue a request; return the error to fail it with if none are taken."""
-        with self._lock:
-            if self._refusal is not None:
-                return RuntimeError(self._refusal)
-            self._waiting.append(_Request(next(self._ids), text, future))
-            return None
-
-    def refuse(self, reason: str) -> None:
-        """Refuse new requests from now on, for ``reason``."""
-        with self._lock:
-            self._refusal = self._refusal or reason
-
-    def take_batch(self, capacity: int, limit: int) -> list[_Request]:
-        """Move the next waiting requests in flight, sharing them over ``capacity``
-        tasks, at most ``limit`` in this one."""
-        with self._lock:
-            size = min(limit, -(-len(self._waiting) // capacity))  # ceil
-            batch: list[_Request] = []
-            while self._waiting and len(batch) < size:
-                request = self._waiting.popleft()
-                if request.dispatched or request.future.set_running_or_notify_cancel():
-                    request.dispatched = True
-                    self._in_flight[request.request_id] = request
-                    batch.append(request)
-            return batch
-
-    def put_back(self, batch: list[_Request]) -> None:
-        """Return requests that loky refused to the front of the queue."""
-        with self._lock:
-            for request in reversed(batch):
-                del self._in_flight[request.request_id]
-                self._waiting.appendleft(request)
-
-    def settle(self, outcomes: list[_Outcome]) -> list[tuple[_Request, _Outcome]]:
-        """Take the requests of these outcomes out of flight (skipping timed-out ones)."""
-        with self._lock:
-            return [
-                (self._in_flight.pop(outcome.request_id), outcome)
-                for outcome in outcomes
-                if outcome.request_id in self._in_flight
-            ]
-
-    def note_started(self, starts: list[tuple[int, int]], now: float) -> None:
-        """Record the worker pid and deadline of each ``(request id, pid)`` that started.
-
-        A worker runs its batch in order, so a start also means the request it
-        started before has finished: that one's deadline no longer applies,
-        although its reply travels with the rest of the batch.
-        """
-        with self._lock:
-            for request_id, pid in starts:
-                finished = self._latest_by_pid.pop(pid, None)
-                if finished is not None:
-                    finished.deadline = None
-                request = self._in_flight.get(request_id)
-                if request is None:  # its outcome came first
-                    continue
-                self._latest_by_pid[pid] = request
-                request.pid = pid
-                request.started = next(self._starts)
-                if self._timeout_s is not None:
-                    request.deadline = now + self._timeout_s
-                    self._deadlines.append((request.deadline, request))
-
-    def pop_expired(self, now: float) -> list[_Request]:
-        """Take out of flight the requests whose handler ran past its deadline."""
-        with self._lock:
-            expired: list[_Request] = []
-            while self._deadlines and self._deadlines[0][0] <= now:
-                deadline, request = self._deadlines.popleft()
-                if self._is_current(deadline, request):
-                    del self._in_flight[request.request_id]
-                    expired.append(request)
-            self._counts["timed_out"] += len(expired)
-            return expired
-
-    def seconds_to_next_deadline(self, now: float) -> float | None:
-        """Seconds until the earliest live deadline, ``None`` if there is none."""
-        with self._lock:
-            while self._deadlines and not self._is_current(*self._deadlines[0]):
-                self._deadlines.popleft()
-            if not self._deadlines:
-                return None
-            return max(0.0, self._deadlines[0][0] - now)
-
-    def take_in_flight(self) -> list[_Request]:
-        """Take every request out of flight, oldest first (the pool broke)."""
-        with self._lock:
-            requests = sorted(self._in_flight.values(), key=lambda request: request.request_id)
-            self._in_flight.clear()
-            self._deadlines.clear()
-            return requests
-
-    def requeue(self, requests: list[_Request]) -> None:
-        """Put requests lost with a broken pool back at the front of the queue."""
-        with self._lock:
-            for request in reversed(requests):
-                request.pid = request.deadline = None
-                request.started = -1
-                self._waiting.appendleft(request)
-            self._counts["resubmitted"] += len(requests)
-
-    def close(self, reason: str) -> list[_Request]:
-        """Refuse new requests and take every outstanding one."""
-        with self._lock:
-            self._refusal = self._refusal or reason
-            requests = [*self._in_flight.values(), *self._waiting]
-            self._in_flight.clear()
-            self._waiting.clear()
-            self._deadlines.clear()
-            return requests
-
-    def idle(self) -> bool:
-        """Whether no request is waiting or in flight."""
-        with self._lock:
-            return not self._waiting and not self._in_flight
-
-    def has_waiting(self) -> bool:
-        """Whether some request waits for a free task slot."""
-        with self._lock:
-            return bool(self._waiting)
-
-    def count(self, counter: str, amount: int = 1) -> None:
-        """Add ``amount`` to one of the counters reported by ``stats``."""
-        with self._lock:
-            self._counts[counter] += amount
-
-    def figures(self) -> dict[str, Any]:
-        """The counters plus the requests in flight and waiting."""
-        with self._lock:
-            return {
-                **self._counts,
-                "in_flight": len(self._in_flight),
-                "waiting": len(self._waiting),
-            }
-
-    def _is_current(self, deadline: float, request: _Request) -> bool:
-        """Whether a deadline entry still belongs to a request in flight."""
-        return request.deadline == deadline and (self._in_flight.get(request.request_id) is request)
-
-
 class _Pool:
-    """One loky executor and its report pipe, replaced whole when it breaks.
+    """One loky executor and the links of its workers, replaced whole when it breaks.
 
-    Only the supervisor thread submits to it and reads its reports; loky's
-    manager thread marks it broken and counts finished tasks through the
-    dispatcher's done callbacks, hence the lock.
-
-    Args:
-        executor: a dedicated ``loky.ProcessPoolExecutor``.
-        reports: read end of the pipe its workers report on.
-        report_writer: write end, kept open for the workers loky respawns.
+    loky's manager thread marks it broken and counts finished channel tasks
+    through the dispatcher's done callbacks, hence the lock; the links are
+    guarded by the dispatcher's lock.
     """
 
-    def __init__(self, executor: Any, reports: Connection, report_writer: Connection) -> None:
+    def __init__(self, executor: Any, generation: int) -> None:
         self.executor = executor
-        self.reports = reports
-        os.set_blocking(reports.fileno(), False)
-        self._report_buffer = bytearray()
-        self._report_writer = report_writer
-        self._lock = threading.Lock()
-        self._workers: dict[int, _WorkerInfo] = {}
-        self._tasks = 0
+        self.generation = generation
+        self.links: dict[int, _Link] = {}
         self.ready_count = 0
         self.broken: BaseException | None = None
         self.alive_at_break: frozenset[int] | None = None
         self.killed: set[int] = set()
+        self._lock = threading.Lock()
+        self._running_tasks = 0
         self._closed = False
 
     @classmethod
-    def open(cls, payload: bytes, workers: int, max_rss: int | None) -> _Pool:
-        """A pool whose ``workers`` processes load ``payload`` once each (spawned lazily)."""
-        context = get_context("loky")
-        reports, writer = context.Pipe(duplex=False)
+    def open(cls, initargs: tuple[Any, ...], workers: int, generation: int) -> _Pool:
+        """A pool of ``workers`` processes that run ``init_worker(*initargs)`` (spawned lazily)."""
         executor = ProcessPoolExecutor(
             max_workers=workers,
-            context=context,
-            initializer=_init_worker,
-            initargs=(payload, writer, max_rss),
+            context=get_context("loky"),
+            initializer=init_worker,
+            initargs=initargs,
         )
-        return cls(executor, reports, writer)
+        return cls(executor, generation)
 
-    def submit(self, batch: list[tuple[int, str]]) -> Future[tuple[int, list[_Outcome]]]:
-        """Submit one task; raises ``BrokenProcessPool`` if the pool is broken."""
-        task: Future[tuple[int, list[_Outcome]]] = self.executor.submit(_serve_batch, batch)
+    def start_channel_task(self) -> Future[tuple[int, bool]]:
+        """Submit one ``serve_channel`` task; raises ``BrokenProcessPool`` if broken."""
+        task: Future[tuple[int, bool]] = self.executor.submit(serve_channel)
         with self._lock:
-            self._tasks += 1
+            self._running_tasks += 1
         return task
 
-    def has_room(self, capacity: int) -> bool:
-        """Whether the pool is whole (none killed) and runs fewer than ``capacity`` tasks."""
+    def channel_task_done(self) -> None:
+        """Count a channel task that ended."""
         with self._lock:
-            return self.broken is None and not self.killed and self._tasks < capacity
+            self._running_tasks -= 1
 
-    def task_done(self, pid: int | None, served: int) -> None:
-        """Count a finished task and the requests its worker served."""
+    def running_tasks(self) -> int:
+        """Channel tasks submitted and not ended."""
         with self._lock:
-            self._tasks -= 1
-            info = self._workers.get(pid) if pid is not None else None
-            if info is not None:
-                info.served += served
+            return self._running_tasks
 
     def mark_broken(self, error: BaseException, alive: frozenset[int] | None) -> None:
         """Record the first error that broke the pool and who was alive then."""
@@ -578,92 +241,49 @@ class _Pool:
             if self.alive_at_break is None:
                 self.alive_at_break = alive
 
-    def register_worker(self, pid: int) -> int:
-        """Add a worker that loaded its handler; forget dead ones; return the count so far."""
-        self.ready_count += 1
-        try:
-            info = _WorkerInfo(pid, psutil.Process(pid))
-        except psutil.NoSuchProcess:  # died already: the pool breaks next
-            return self.ready_count
-        with self._lock:
-            live = {p: w for p, w in self._workers.items() if w.process.is_running()}
-            self._workers = {**live, pid: info}
-        return self.ready_count
-
-    def worker_infos(self) -> list[tuple[int, Any, int]]:
-        """``(pid, psutil.Process, served)`` of each registered worker."""
-        with self._lock:
-            return [(info.pid, info.process, info.served) for info in self._workers.values()]
-
-    def kill_worker(self, pid: int) -> None:
+    def kill_worker(self, link: _Link) -> None:
         """Kill a worker and its descendants (the pool breaks; no one is blamed)."""
-        self.killed.add(pid)
-        with self._lock:
-            info = self._workers.get(pid)
-        if info is not None:
-            _kill_process_tree(info.process)
+        self.killed.add(link.pid)
+        if link.process is not None:
+            _kill_process_tree(link.process)
 
-    def died_on_its_own(self, pid: int | None) -> bool:
+    def died_on_its_own(self, pid: int) -> bool:
         """Whether the worker ``pid`` was already dead when loky noticed the break."""
         return (
-            pid is not None
-            and self.alive_at_break is not None
+            self.alive_at_break is not None
             and pid not in self.alive_at_break
             and pid not in self.killed
         )
 
-    def read_reports_nowait(self) -> list[_Report]:
-        """Every complete report the workers wrote so far, read in bulk."""
-        buffer = self._report_buffer
-        with contextlib.suppress(BlockingIOError):
-            while chunk := os.read(self.reports.fileno(), _READ_CHUNK_SIZE):
-                buffer += chunk
-        reports: list[_Report] = []
-        start = 0
-        while len(buffer) - start >= _FRAME_HEADER.size:
-            (size,) = _FRAME_HEADER.unpack_from(buffer, start)
-            end = start + _FRAME_HEADER.size + size
-            if end > len(buffer):
-                break
-            reports.append(pickle.loads(buffer[start + _FRAME_HEADER.size : end]))
-            start = end
-        del buffer[:start]
-        return reports
+    def close(self) -> None:
+        """Shut the executor down, waiting for its tasks; idempotent.
 
-    def close(self) -> list[_Report]:
-        """Shut the executor down (waiting for its tasks); return the unread reports.
-
-        Idempotent: a second call returns no reports.
+        Close the channels first, or the channel tasks never end.
         """
-        if self._closed:
-            return []
-        self._closed = True
-        self.executor.shutdown(wait=True)
-        self._report_writer.close()  # the workers are gone: the pipe now ends (EOF)
-        reports = self.read_reports_nowait()
-        self.reports.close()
-        return reports
+        if not self._closed:
+            self._closed = True
+            self.executor.shutdown(wait=True)
 
 
 class ProcessPoolDispatcher(Dispatcher):
     """Runs ``handle_request`` on copies of the server in a supervised loky pool.
 
-    Each worker unpickles the server once, when loky starts it; a request then
-    ships only its text and gets back only its reply. When many requests wait,
-    several go to a worker in one loky task. A worker that dies costs only
-    the request it was running (:class:`WorkerCrashError`); one that runs past
-    ``request_timeout_s`` is killed with its child processes
-    (:class:`HandlerTimeoutError`); one whose RSS reaches ``max_worker_memory``
-    is replaced between two tasks. In each case the pool is rebuilt or
-    refilled and every other request is answered, some after running again.
+    Each worker unpickles the server once, when loky starts it, then serves
+    a channel of its own: a request ships only its text and gets back only
+    its reply. When many requests wait, several go to a worker in one frame.
+    A worker that dies costs only the request it was running
+    (:class:`WorkerCrashError`); one that runs past ``request_timeout_s`` is
+    killed with its child processes (:class:`HandlerTimeoutError`); one whose
+    RSS reaches ``max_worker_memory`` is replaced after its current requests.
+    In each case the pool is rebuilt or refilled and every other request is
+    answered, some after running again.
 
     Requests whose worker died are not retried; the others are, so a
     handler may run twice for one request when a neighbour crashes.
 
     Thread safety: :meth:`start` and :meth:`shutdown` are called by the
     server's thread, :meth:`submit` by the I/O thread (it never blocks), and
-    :meth:`stats` by any thread. Futures are resolved on loky's manager
-    thread or on this dispatcher's supervisor thread.
+    :meth:`stats` by any thread. Futures are resolved on the supervisor thread.
 
     Args:
         handler: the server object; it must pickle (with cloudpickle, so a
@@ -693,15 +313,22 @@ class ProcessPoolDispatcher(Dispatcher):
         self._workers = workers
         self._timeout_s = request_timeout_s
         self._max_rss = max_worker_memory
-        self._sizing = _TaskSizing(workers)
-        self._dispatch_lock = threading.Lock()
-        self._undrained_starts = 0
-        self._ledger = _Ledger(request_timeout_s)
+        self._sizing = _TaskSizing()
+        self._lock = threading.Lock()  # the requests, the links and the counters
+        self._ids = itertools.count()
+        self._waiting: deque[_Request] = deque()
+        self._counts = dict.fromkeys(_STATS_COUNTERS, 0)
+        self._refusal: str | None = None
         self._wakeup = _Wakeup()
+        self._selector = selectors.DefaultSelector()
+        self._listener: Listener | None = None
+        self._token = secrets.token_hex(16)
+        self._generations = itertools.count(1)
         self._payload = b""
         self._pool: _Pool | None = None
         self._supervisor: threading.Thread | None = None
         self._closing = False
+        self._closed = False
         self._futile_rebuilds = 0
 
     # -- the Dispatcher interface ----------------------------------------------------------
@@ -713,24 +340,26 @@ class ProcessPoolDispatcher(Dispatcher):
             PoolStartError: the handler does not pickle, a worker could not
                 unpickle it, or the workers did not start in time.
         """
-        if self._pool is not None:
+        if self._listener is not None:
             raise RuntimeError("start() was already called")
         self._payload = _pickle_handler(self._handler)
-        pool = self._open_pool()
+        self._listener = Listener()
+        self._selector.register(self._listener.sock, selectors.EVENT_READ, self._accept)
+        self._selector.register(self._wakeup.reader, selectors.EVENT_READ, self._on_wakeup)
         try:
+            pool = self._pool = self._open_pool()
             self._wait_until_ready(pool)
         except BaseException:
-            pool.close()
+            self._close_everything()
             raise
-        self._pool = pool
         self._warn_if_memory_cap_is_too_low(pool)
         self._supervisor = threading.Thread(
-            target=self._supervise, args=(pool,), name="mpreqrep-pool-supervisor", daemon=True
+            target=self._supervise, name="mpreqrep-pool-supervisor", daemon=True
         )
         self._supervisor.start()
 
     def submit(self, request: str) -> Future[str]:
-        """Queue one request for the pool; never blocks.
+        """Send one request to a worker with room, or queue it; never blocks.
 
         Returns:
             A future of the reply. It fails with the handler's error, with
@@ -738,39 +367,15 @@ class ProcessPoolDispatcher(Dispatcher):
             with ``RuntimeError`` once the dispatcher is shut down.
         """
         future: Future[str] = Future()
-        refusal = self._ledger.add(request, future)
+        with self._lock:
+            refusal = self._refusal
+            if refusal is None:
+                wake = self._dispatch_or_queue(_Request(next(self._ids), request, future))
         if refusal is not None:
-            future.set_exception(refusal)
-        elif not self._dispatch_nowait():
+            future.set_exception(RuntimeError(refusal))
+        elif wake:
             self._wakeup.set()
         return future
-
-    def _dispatch_nowait(self) -> bool:
-        """Hand waiting requests to a whole pool from the caller's thread.
-
-        Saves the hop through the supervisor, most of a light load's latency.
-        Gives up at once if the supervisor is dispatching or the pool needs it
-        (broken, being replaced). The supervisor still reads the start
-        reports: it is woken every :data:`REPORTS_PER_DRAIN` requests
-        dispatched here, long before they could fill the report pipe.
-
-        Returns:
-            Whether the supervisor may go on sleeping: nothing is left
-            waiting and no reports need draining.
-        """
-        pool = self._pool
-        if pool is None or not self._dispatch_lock.acquire(blocking=False):
-            return False
-        try:
-            if pool is not self._pool or pool.broken is not None:
-                return False
-            self._undrained_starts += self._dispatch_waiting(pool)
-        except Exception:  # the supervisor meets the same error and fails what it must
-            logger.exception("dispatching from submit failed; leaving it to the supervisor")
-            return False
-        finally:
-            self._dispatch_lock.release()
-        return self._undrained_starts < REPORTS_PER_DRAIN and not self._ledger.has_waiting()
 
     def shutdown(self) -> None:
         """Answer every request taken, then stop the workers; idempotent.
@@ -778,16 +383,14 @@ class ProcessPoolDispatcher(Dispatcher):
         Waits for running handlers (the timeout, if any, still applies). No
         worker process is left afterwards.
         """
-        self._ledger.refuse("the process pool dispatcher is shut down")
+        with self._lock:
+            self._refusal = self._refusal or "the process pool dispatcher is shut down"
         self._closing = True
         supervisor, self._supervisor = self._supervisor, None
         if supervisor is not None:
             self._wakeup.set()
             supervisor.join()
-            pool = self._pool
-            assert pool is not None, "the supervisor runs only once a pool is open"
-            pool.close()
-        self._wakeup.close()
+        self._close_everything()
 
     def stats(self) -> dict[str, Any]:
         """Pool health and one entry per live worker (any thread).
@@ -795,167 +398,337 @@ class ProcessPoolDispatcher(Dispatcher):
         Returns:
             ``crashed``, ``timed_out``, ``abandoned`` (requests failed after
             breaking the pool twice), ``resubmitted``, ``pool_rebuilds``,
-            ``recycled`` (workers replaced for memory), ``tasks`` (loky tasks
-            submitted, one warm-up per pool included), ``in_flight``, ``waiting`` and
-            ``workers``: a list of ``{pid, rss, cpu_percent, served}``. Worker
-            reports not read yet (a respawned worker, say) show in the next call:
-            this one wakes the supervisor to read them.
+            ``recycled`` (workers replaced for memory), ``batches`` (frames
+            of requests sent to workers), ``in_flight``, ``waiting`` and
+            ``workers``: a list of ``{pid, rss, cpu_percent, served}``.
         """
-        self._wakeup.set()
-        figures = self._ledger.figures()
-        pool = self._pool
-        infos = pool.worker_infos() if pool is not None else []
+        with self._lock:
+            links = list(self._pool.links.values()) if self._pool is not None else []
+            figures: dict[str, Any] = {
+                **self._counts,
+                "in_flight": sum(len(link.in_flight) for link in links),
+                "waiting": len(self._waiting),
+            }
+            infos = [(link.pid, link.process, link.served) for link in links]
         figures["workers"] = [entry for entry in map(_describe_worker, infos) if entry]
         return figures
+
+    # -- dispatching (the lock held) -------------------------------------------------------
+
+    def _dispatch_or_queue(self, request: _Request) -> bool:
+        """Send a new request to the least busy worker with room, else queue it.
+
+        Returns:
+            Whether the supervisor must be woken: it watches a new deadline
+            or unsent bytes, or no reply is due that would make it dispatch.
+        """
+        link = None if self._waiting else self._least_busy_link()
+        if link is None:
+            self._waiting.append(request)
+            return not any(link.in_flight for link in self._links())
+        if not request.future.set_running_or_notify_cancel():
+            return False
+        request.dispatched = True
+        self._send(link, [request], time.monotonic())
+        return self._timeout_s is not None or link.channel.has_outbox
+
+    def _top_up(self) -> None:
+        """Share the waiting requests among the workers with room, a frame each."""
+        links = self._links()
+        while self._waiting:
+            link = self._least_busy_link()
+            if link is None:
+                return
+            room = self._sizing.depth() - len(link.in_flight)
+            share = min(room, -(-len(self._waiting) // len(links)))  # ceil
+            batch = self._take_waiting(share)
+            if batch:
+                self._send(link, batch, time.monotonic())
+
+    def _take_waiting(self, count: int) -> list[_Request]:
+        """Up to ``count`` waiting requests, oldest first, cancelled ones dropped."""
+        batch: list[_Request] = []
+        while self._waiting and len(batch) < count:
+            request = self._waiting.popleft()
+            if request.dispatched or request.future.set_running_or_notify_cancel():
+                request.dispatched = True
+                batch.append(request)
+        return batch
+
+    def _send(self, link: _Link, batch: list[_Request], now: float) -> None:
+        """Write one frame of requests to a worker; the first may start at once."""
+        if not link.in_flight:
+            self._start_clock(batch[0], now)
+        link.in_flight.extend(batch)
+        link.channel.send(encode_frame([(request.request_id, request.text) for request in batch]))
+        self._counts["batches"] += 1
+
+    def _start_clock(self, request: _Request, now: float) -> None:
+        """The request is now its worker's oldest: its handler runs, its deadline counts."""
+        if self._timeout_s is not None:
+            request.deadline = now + self._timeout_s
+
+    def _least_busy_link(self) -> _Link | None:
+        """The worker with the fewest requests in flight, if one has room."""
+        depth = self._sizing.depth()
+        best: _Link | None = None
+        for link in self._links():
+            load = len(link.in_flight)
+            if load < depth and not link.retiring and (best is None or load < len(best.in_flight)):
+                best = link
+        return best
+
+    def _links(self) -> Collection[_Link]:
+        """The links of the current pool, none while it is broken."""
+        pool = self._pool
+        if pool is None or pool.broken is not None:
+            return ()
+        return pool.links.values()
 
     # -- start-up ------------------------------------------------------------------------
 
     def _open_pool(self) -> _Pool:
-        """A new pool, its workers spawning already (through an empty warm-up task)."""
-        pool = _Pool.open(self._payload, self._workers, self._max_rss)
+        """A new pool whose workers are spawning, each to serve one channel."""
+        assert self._listener is not None, "pools open only after start()"
+        generation = next(self._generations)
+        initargs = (self._payload, self._listener.address, self._token, generation, self._max_rss)
+        pool = _Pool.open(initargs, self._workers, generation)
         try:
-            self._submit_batch(pool, [])
+            for _ in range(self._workers):
+                self._start_channel_task(pool)
         except BaseException:  # e.g. no process could be spawned: leave none behind
             pool.close()
             raise
         return pool
 
     def _wait_until_ready(self, pool: _Pool) -> None:
-        """Wait until every worker reported that it loaded the handler."""
+        """Wait until every worker connected its channel."""
         deadline = time.monotonic() + WORKER_START_TIMEOUT_S
-        while True:
-            self._apply_reports(pool, pool.read_reports_nowait())
-            if pool.ready_count >= self._workers:
-                return
+        while pool.ready_count < self._workers:
             if pool.broken is not None:
                 raise PoolStartError("a worker process died while starting") from pool.broken
             remaining = deadline - time.monotonic()
-            if not wait([pool.reports, self._wakeup.reader], max(0.0, remaining)):
+            if remaining <= 0:
                 raise PoolStartError(
                     f"the worker processes did not start within {WORKER_START_TIMEOUT_S} s"
                 )
-            self._wakeup.clear()
+            self._handle_events(remaining)
 
     def _warn_if_memory_cap_is_too_low(self, pool: _Pool) -> None:
         """Warn when a fresh worker already uses ``max_worker_memory``."""
-        sizes = [entry["rss"] for entry in map(_describe_worker, pool.worker_infos()) if entry]
+        with self._lock:
+            infos = [(link.pid, link.process, link.served) for link in pool.links.values()]
+        sizes = [entry["rss"] for entry in map(_describe_worker, infos) if entry]
         if self._max_rss is not None and max(sizes, default=0) >= self._max_rss:
             logger.warning(
                 "max_worker_memory (%d bytes) is below a fresh worker's RSS (%d bytes): "
-                "every worker will be replaced after each task",
+                "every worker will be replaced after each request",
                 self._max_rss,
                 max(sizes),
             )
 
     # -- the supervisor thread -----------------------------------------------------------
 
-    def _supervise(self, pool: _Pool) -> None:
+    def _supervise(self) -> None:
         """Run the supervisor until shut down and idle; on a bug, fail every request."""
         try:
             while True:
-                pool = self._tend(pool)
-                if self._closing and self._ledger.idle():
+                broken = self._tend()
+                if self._closing and self._idle():
                     return
-                self._wait_for_news(pool)
+                self._handle_events(0.0 if broken else self._seconds_to_next_deadline())
         except Exception as exc:
             logger.exception("the process pool supervisor failed; failing every request")
             self._fail_all(exc)
 
-    def _tend(self, pool: _Pool) -> _Pool:
-        """One pass: reports, a broken pool, deadlines, then waiting requests."""
-        self._undrained_starts = 0
-        self._apply_reports(pool, pool.read_reports_nowait())
+    def _tend(self) -> bool:
+        """One pass: a broken pool, deadlines, retired workers, channel tasks, top-ups.
+
+        Returns:
+            Whether the pool broke meanwhile (then the next pass must not wait).
+        """
+        pool = self._pool
+        assert pool is not None, "the supervisor runs only once a pool is open"
         if pool.broken is not None:
             pool = self._recover(pool)
         self._expire_deadlines(pool)
-        with self._dispatch_lock:
-            self._dispatch_waiting(pool)
-        return pool
+        with self._lock:
+            for link in [link for link in pool.links.values() if link.retiring]:
+                if not link.in_flight:
+                    self._drop_link(pool, link)
+            self._top_up()
+            for link in pool.links.values():
+                self._watch_writes(link)
+        if not self._closing:
+            while pool.broken is None and pool.running_tasks() < self._workers:
+                self._start_channel_task(pool)
+        return pool.broken is not None
 
-    def _wait_for_news(self, pool: _Pool) -> None:
-        """Sleep until a wake-up or the next deadline, and a report if timing matters.
+    def _watch_writes(self, link: _Link) -> None:
+        """Watch a channel for room to write while it has unsent bytes (the lock held)."""
+        events = selectors.EVENT_READ
+        if link.channel.has_outbox:
+            events |= selectors.EVENT_WRITE
+        if events != link.events and not link.channel.closed:
+            link.events = events
+            self._selector.modify(link.channel, events, functools.partial(self._on_link, link))
 
-        Start reports set deadlines, so with a request timeout each one wakes
-        the supervisor. Without one they are only needed when a pool breaks:
-        they wait in the pipe and are read on the next pass, which halves the
-        pool's cost per request for light handlers. The pipe cannot fill: a
-        dispatch by the supervisor is a pass, and one from ``submit`` wakes it
-        every :data:`REPORTS_PER_DRAIN` requests.
-        """
-        if pool.broken is not None:
-            return
-        timeout = self._ledger.seconds_to_next_deadline(time.monotonic())
-        watched = [self._wakeup.reader]
-        if self._timeout_s is not None:
-            watched.append(pool.reports)
-        wait(watched, timeout)
+    def _handle_events(self, timeout: float | None) -> None:
+        """Wait up to ``timeout`` seconds for news and act on each."""
+        for key, mask in self._selector.select(timeout):
+            key.data(mask)
+
+    def _on_wakeup(self, mask: int) -> None:
+        """Another thread woke the supervisor: the next pass looks at the state."""
         self._wakeup.clear()
 
-    def _apply_reports(self, pool: _Pool, reports: list[_Report]) -> None:
-        """Register started workers and note which worker started which request.
+    def _accept(self, mask: int) -> None:
+        """Take every connected channel; each is known once it says hello."""
+        assert self._listener is not None, "accepting only while the listener is open"
+        while (channel := self._listener.accept()) is not None:
+            self._selector.register(
+                channel, selectors.EVENT_READ, functools.partial(self._greet, channel)
+            )
+
+    def _greet(self, channel: Channel, mask: int) -> None:
+        """Read a new channel's first frame: a worker's hello, or why it could not load.
 
         Raises:
-            PoolStartError: a worker could not load the handler.
+            PoolStartError: a worker of the current pool could not load the handler.
         """
-        starts: list[tuple[int, int]] = []
-        for kind, pid, payload in reports:
-            if kind == _STARTED:
-                starts.append((payload, pid))
-            elif kind == _READY:
-                self._note_ready(pool, pid)
-            else:
-                raise PoolStartError(f"worker {pid} could not load the handler:\n{payload}")
-        self._ledger.note_started(starts, time.monotonic())
+        payloads = channel.receive()
+        if payloads == []:
+            return
+        self._selector.unregister(channel)
+        token = self._token.encode()
+        payload = payloads[0] if payloads else b""
+        message = None
+        if hmac.compare_digest(payload[: len(token)], token):  # only then unpickle
+            message = pickle.loads(payload[len(token) :])
+        pool = self._pool
+        current = pool is not None and getattr(message, "generation", None) == pool.generation
+        if isinstance(message, InitFailed) and current:
+            channel.close()
+            raise PoolStartError(
+                f"worker {message.pid} could not load the handler:\n{message.traceback}"
+            )
+        if not (isinstance(message, Hello) and current and pool is not None):
+            channel.close()  # a stray, or a worker of a pool given up
+            return
+        self._add_link(pool, channel, message.pid)
 
-    def _note_ready(self, pool: _Pool, pid: int) -> None:
-        """Register a worker; one beyond the first ``workers`` replaced a recycled one."""
-        if pool.register_worker(pid) > self._workers:
-            self._ledger.count("recycled")
-            logger.info("worker %d started in place of a recycled worker", pid)
-
-    def _dispatch_waiting(self, pool: _Pool) -> int:
-        """Hand waiting requests to loky while it has room, in batches under load.
-
-        Returns:
-            How many requests went to loky.
-        """
-        dispatched = 0
-        while pool.has_room(self._sizing.capacity()):
-            batch = self._ledger.take_batch(self._sizing.capacity(), self._sizing.batch_limit())
-            if not batch:
-                break
-            self._submit_batch(pool, batch)
-            dispatched += len(batch)
-        return dispatched
-
-    def _submit_batch(self, pool: _Pool, batch: list[_Request]) -> None:
-        """Submit one task; if loky says the pool broke, put the requests back."""
-        items = [(request.request_id, request.text) for request in batch]
+    def _add_link(self, pool: _Pool, channel: Channel, pid: int) -> None:
+        """Register a worker that loaded its handler and serves its channel."""
         try:
-            task = pool.submit(items)
+            process = psutil.Process(pid)
+        except psutil.NoSuchProcess:  # died already: the pool breaks next
+            process = None
+        link = _Link(channel, pid, process)
+        with self._lock:
+            pool.links[pid] = link
+            pool.ready_count += 1
+            if pool.ready_count > self._workers:
+                self._counts["recycled"] += 1
+                logger.info("worker %d started in place of a recycled worker", pid)
+            self._top_up()
+        self._selector.register(
+            channel, selectors.EVENT_READ, functools.partial(self._on_link, link)
+        )
+
+    def _on_link(self, link: _Link, mask: int) -> None:
+        """A worker's channel is readable (replies, end of stream) or writable."""
+        if mask & selectors.EVENT_WRITE:
+            with self._lock:
+                link.channel.flush()
+        if mask & selectors.EVENT_READ:
+            self._read_link(link)
+
+    def _read_link(self, link: _Link) -> None:
+        """Settle the replies a worker sent; at end of stream, stop watching it."""
+        payloads = link.channel.receive()
+        if payloads is None:  # the worker died: the pool breaks and is rebuilt
+            with self._lock:
+                self._close_link(link)
+            return
+        settled: list[tuple[_Request, Outcome]] = []
+        now = time.monotonic()
+        with self._lock:
+            for payload in payloads:
+                head = link.in_flight[0] if link.in_flight else None
+                message = _decode_reply(payload, head)
+                if isinstance(message, Retiring):
+                    link.retiring = True
+                    logger.info("worker %d reached max_worker_memory; recycling it", link.pid)
+                    continue
+                if head is None or head.request_id != message.request_id:
+                    continue  # the reply of a request timed out meanwhile
+                link.in_flight.popleft()
+                link.served += 1
+                settled.append((head, message))
+                if link.in_flight:
+                    self._start_clock(link.in_flight[0], now)
+            self._top_up()
+        for request, outcome in settled:
+            _resolve(request.future, outcome)
+        self._sizing.observe([outcome for _, outcome in settled])
+
+    def _drop_link(self, pool: _Pool, link: _Link) -> None:
+        """Close a retired worker's channel, which ends its task (the lock held)."""
+        del pool.links[link.pid]
+        self._close_link(link)
+
+    def _start_channel_task(self, pool: _Pool) -> None:
+        """Give the pool one more ``serve_channel`` task; a refusal marks it broken."""
+        try:
+            task = pool.start_channel_task()
         except BrokenProcessPool as exc:
             pool.mark_broken(exc, None)
-            self._ledger.put_back(batch)
             return
-        self._ledger.count("tasks")
-        ids = [request_id for request_id, _ in items]
-        task.add_done_callback(functools.partial(self._on_task_done, pool, ids))
+        task.add_done_callback(functools.partial(self._on_channel_task_done, pool))
 
     def _expire_deadlines(self, pool: _Pool) -> None:
         """Fail the requests that ran past the timeout and kill their workers."""
-        for request in self._ledger.pop_expired(time.monotonic()):
-            pid = request.pid
-            assert pid is not None, "only started requests have a deadline"
+        now = time.monotonic()
+        expired: list[tuple[_Link, _Request]] = []
+        with self._lock:
+            for link in pool.links.values():
+                head = link.in_flight[0] if link.in_flight else None
+                expires = head is not None and head.deadline is not None and head.deadline <= now
+                if expires and link.pid not in pool.killed:
+                    expired.append((link, link.in_flight.popleft()))
+            self._counts["timed_out"] += len(expired)
+        for link, request in expired:
             logger.warning(
                 "request %d ran past %s s in worker %d; killing the worker",
                 request.request_id,
                 self._timeout_s,
-                pid,
+                link.pid,
             )
-            pool.kill_worker(pid)
+            pool.kill_worker(link)
             request.future.set_exception(
                 HandlerTimeoutError(f"handle_request ran past {self._timeout_s} s")
             )
+
+    def _seconds_to_next_deadline(self) -> float | None:
+        """Seconds until the earliest deadline of a running request, ``None`` if none."""
+        with self._lock:
+            pool = self._pool
+            links = pool.links.values() if pool is not None else ()
+            deadlines = [
+                deadline
+                for link in links
+                if link.in_flight and (deadline := link.in_flight[0].deadline) is not None
+            ]
+        if not deadlines:
+            return None
+        return max(0.0, min(deadlines) - time.monotonic())
+
+    def _idle(self) -> bool:
+        """Whether no request is waiting or in flight."""
+        with self._lock:
+            pool = self._pool
+            links = pool.links.values() if pool is not None else ()
+            return not self._waiting and not any(link.in_flight for link in links)
 
     # -- recovery ------------------------------------------------------------------------
 
@@ -965,21 +738,41 @@ class ProcessPoolDispatcher(Dispatcher):
         Raises:
             PoolStartError: workers keep dying before they load the handler.
         """
-        self._apply_reports(broken, broken.close())  # close() lets loky finish failing tasks
+        for link in list(broken.links.values()):  # what the workers sent before the end
+            if not link.channel.closed:
+                self._read_link(link)
         self._check_progress(broken)
+        with self._lock:
+            links = list(broken.links.values())
+            for link in links:
+                self._close_link(link)
+        broken.close()
         fresh = self._open_pool()
-        self._pool = fresh
-        requests = self._ledger.take_in_flight()
-        verdict = _judge(broken, requests)
-        self._ledger.requeue(verdict.retry)
+        with self._lock:
+            self._pool = fresh
+            verdict = _judge(broken, links)
+            self._requeue(verdict.retry)
+            self._counts["pool_rebuilds"] += 1
         self._fail_culprits(broken, verdict)
-        self._ledger.count("pool_rebuilds")
         logger.warning(
             "the process pool broke (%s); started a new one and resubmitted %d requests",
             type(broken.broken).__name__,
             len(verdict.retry),
         )
         return fresh
+
+    def _close_link(self, link: _Link) -> None:
+        """Stop watching a link and close its channel (the lock held)."""
+        if not link.channel.closed:  # an open channel is always watched
+            self._selector.unregister(link.channel)
+            link.channel.close()
+
+    def _requeue(self, requests: list[_Request]) -> None:
+        """Put requests lost with a broken pool back at the front of the queue."""
+        for request in sorted(requests, key=lambda request: request.request_id, reverse=True):
+            request.deadline = None
+            self._waiting.appendleft(request)
+        self._counts["resubmitted"] += len(requests)
 
     def _check_progress(self, broken: _Pool) -> None:
         """Give up after :data:`MAX_FUTILE_REBUILDS` pools in a row with no ready worker."""
@@ -991,63 +784,78 @@ class ProcessPoolDispatcher(Dispatcher):
 
     def _fail_culprits(self, broken: _Pool, verdict: _Verdict) -> None:
         """Fail the requests whose worker died, and those that broke the pool twice."""
-        for request in verdict.culprits:
-            logger.error("worker %s died running request %d", request.pid, request.request_id)
+        for request, pid in verdict.culprits:
+            logger.error("worker %d died running request %d", pid, request.request_id)
             _fail_with(request, WorkerCrashError("the worker process died"), broken.broken)
         for request in verdict.abandoned:
             logger.error("request %d broke the pool twice; giving up", request.request_id)
             _fail_with(request, WorkerCrashError("the request broke the pool twice"), broken.broken)
-        self._ledger.count("crashed", len(verdict.culprits))
-        self._ledger.count("abandoned", len(verdict.abandoned))
+        with self._lock:
+            self._counts["crashed"] += len(verdict.culprits)
+            self._counts["abandoned"] += len(verdict.abandoned)
 
     def _fail_all(self, error: Exception) -> None:
         """Fail every outstanding request and refuse new ones (the supervisor died)."""
-        for request in self._ledger.close("the process pool supervisor failed"):
+        with self._lock:
+            self._refusal = self._refusal or "the process pool supervisor failed"
+            pool = self._pool
+            links = pool.links.values() if pool is not None else ()
+            requests = [*(r for link in links for r in link.in_flight), *self._waiting]
+            for link in links:
+                link.in_flight.clear()
+            self._waiting.clear()
+        for request in requests:
             failure = RuntimeError("the process pool supervisor failed")
             failure.__cause__ = error
             with contextlib.suppress(InvalidStateError):  # its owner cancelled it
                 request.future.set_exception(failure)
 
+    def _close_everything(self) -> None:
+        """Close the channels, the pool, the listener and the wake-up pipe; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._listener is not None:  # a worker connecting from now on fails and ends
+            self._listener.close()
+        with self._lock:
+            for key in list(self._selector.get_map().values()):
+                if isinstance(key.fileobj, Channel):  # a link, or one not greeted yet
+                    key.fileobj.close()  # its worker's task ends
+        if self._pool is not None:
+            self._pool.close()
+        self._selector.close()
+        self._wakeup.close()
+
     # -- loky's manager thread -----------------------------------------------------------
 
-    def _on_task_done(self, pool: _Pool, ids: list[int], task: Future[Any]) -> None:
-        """Resolve the futures of a finished task, or flag its pool as broken."""
+    def _on_channel_task_done(self, pool: _Pool, task: Future[tuple[int, bool]]) -> None:
+        """A channel task ended: its worker retired, or the pool broke."""
+        pool.channel_task_done()
         error = task.exception()
-        if isinstance(error, BrokenProcessPool):
+        if error is not None:
+            if not isinstance(error, BrokenProcessPool) and not self._closing:
+                logger.error("a worker's channel failed; rebuilding the pool", exc_info=error)
             alive = None if pool.alive_at_break is not None else _live_child_pids()
             pool.mark_broken(error, alive)
-            self._wakeup.set()
-            return
-        if error is None:
-            pid, outcomes = task.result()
-        else:  # loky could not send the result back: fail the whole batch
-            pid, outcomes = None, [_Outcome(request_id, error=error) for request_id in ids]
-        settled = self._ledger.settle(outcomes)
-        self._sizing.observe(outcomes)
-        pool.task_done(pid, len(settled))
-        for request, outcome in settled:
-            _resolve(request.future, outcome)
-        if self._closing or self._ledger.has_waiting():
-            self._wakeup.set()
+        self._wakeup.set()
 
 
 class _TaskSizing:
-    """How many loky tasks to keep in flight and how many requests each carries.
+    """How many requests to keep in flight on each worker.
 
-    Light handlers (under :data:`LIGHT_HANDLER_S`) get one task per worker at
-    a time, so the requests that arrive meanwhile travel together in the next
-    task: the pool hop is paid per batch, not per request. Heavy handlers get
-    one request per task and two tasks per worker, so a worker never idles
-    waiting for its next request and the work stays spread over all workers.
-    Until the first task is measured, handlers count as heavy.
+    Light handlers (under :data:`LIGHT_HANDLER_S`) get up to
+    :data:`MAX_BATCH_SIZE`, so the requests that arrive while a worker is busy
+    travel to it together: the hop is paid per frame, not per request. Heavy
+    handlers get :data:`HEAVY_DEPTH`, so a worker never idles waiting for its
+    next request and the work stays spread over all workers. Until the first
+    reply is measured, handlers count as heavy.
     """
 
-    def __init__(self, workers: int) -> None:
-        self._workers = workers
+    def __init__(self) -> None:
         self._handler_s: float | None = None
 
-    def observe(self, outcomes: list[_Outcome]) -> None:
-        """Fold a finished task's handler times into the moving average."""
+    def observe(self, outcomes: list[Outcome]) -> None:
+        """Fold the handler times of new replies into the moving average."""
         if not outcomes:
             return
         mean_s = sum(outcome.elapsed_s for outcome in outcomes) / len(outcomes)
@@ -1060,13 +868,9 @@ class _TaskSizing:
         """Whether the handler is fast enough to batch."""
         return self._handler_s is not None and self._handler_s < LIGHT_HANDLER_S
 
-    def capacity(self) -> int:
-        """Tasks to keep in flight over the whole pool."""
-        return self._workers * (1 if self.is_light() else 2)
-
-    def batch_limit(self) -> int:
-        """Most requests in the next task."""
-        return MAX_BATCH_SIZE if self.is_light() else 1
+    def depth(self) -> int:
+        """Requests to keep in flight on one worker."""
+        return MAX_BATCH_SIZE if self.is_light() else HEAVY_DEPTH
 
 
 def resolve_worker_count(workers: int | str | None) -> int:
@@ -1122,40 +926,46 @@ def _pickle_handler(handler: Handler) -> bytes:
         ) from exc
 
 
-def _judge(pool: _Pool, requests: list[_Request]) -> _Verdict:
-    """Split the requests of a broken pool into culprits, given-up ones and retries.
+def _judge(pool: _Pool, links: list[_Link]) -> _Verdict:
+    """Split the requests on the channels of a broken pool into culprits, given-up
+    ones and retries, emptying the channels' books.
 
-    The request a worker started last was running when the pool broke (those
-    before it in the same batch had finished). One running in a worker that
-    died on its own is a culprit. When no worker explains the break, each
-    running request counts an unexplained break, and fails at
-    :data:`MAX_UNEXPLAINED_BREAKS`; every other request is retried.
+    The oldest request on a channel was running when the pool broke. One
+    running in a worker that died on its own is a culprit. When no worker
+    explains the break, each running request counts an unexplained break,
+    and fails at :data:`MAX_UNEXPLAINED_BREAKS`; every other request is retried.
     """
-    running = _last_started_per_worker(requests)
-    culprits = [request for request in running if pool.died_on_its_own(request.pid)]
-    explained = bool(culprits or pool.killed)
+    culprits: list[tuple[_Request, int]] = []
     abandoned: list[_Request] = []
     retry: list[_Request] = []
-    for request in requests:
-        if request in culprits:
-            continue
-        if not explained and request in running:
-            request.unexplained_breaks += 1
-        given_up = request.unexplained_breaks >= MAX_UNEXPLAINED_BREAKS
-        (abandoned if given_up else retry).append(request)
+    explained = bool(pool.killed) or any(
+        link.in_flight and pool.died_on_its_own(link.pid) for link in links
+    )
+    for link in links:
+        for index, request in enumerate(link.in_flight):
+            running = index == 0
+            if running and pool.died_on_its_own(link.pid):
+                culprits.append((request, link.pid))
+                continue
+            if running and not explained:
+                request.unexplained_breaks += 1
+            given_up = request.unexplained_breaks >= MAX_UNEXPLAINED_BREAKS
+            (abandoned if given_up else retry).append(request)
+        link.in_flight.clear()
     return _Verdict(culprits, abandoned, retry)
 
 
-def _last_started_per_worker(requests: list[_Request]) -> list[_Request]:
-    """The request each worker started last, among ``requests``."""
-    last: dict[int, _Request] = {}
-    for request in sorted(requests, key=lambda request: request.started):
-        if request.pid is not None:
-            last[request.pid] = request
-    return list(last.values())
+def _decode_reply(payload: bytes, head: _Request | None) -> Outcome | Retiring:
+    """A worker's message; one that does not unpickle fails the request it answers."""
+    try:
+        message: Outcome | Retiring = pickle.loads(payload)
+    except Exception as exc:
+        request_id = head.request_id if head is not None else -1
+        return Outcome(request_id, error=RuntimeError(f"cannot read the worker's reply: {exc!r}"))
+    return message
 
 
-def _resolve(future: Future[str], outcome: _Outcome) -> None:
+def _resolve(future: Future[str], outcome: Outcome) -> None:
     """Set a future from a worker's outcome, chaining the remote traceback."""
     if outcome.error is None:
         future.set_result(outcome.reply)
@@ -1195,6 +1005,8 @@ def _kill_process_tree(process: Any) -> None:
 def _describe_worker(info: tuple[int, Any, int]) -> dict[str, Any] | None:
     """``{pid, rss, cpu_percent, served}`` of a worker, ``None`` if it is gone."""
     pid, process, served = info
+    if process is None:
+        return None
     try:
         with process.oneshot():
             rss = int(process.memory_info().rss)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import pickle
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
@@ -20,7 +21,8 @@ import psutil
 import pytest
 from loky import process_executor as loky_executor
 
-from mpreqrep import _pool
+from mpreqrep import _pool, _worker
+from mpreqrep._channel import FrameReader, Listener, encode_frame
 from mpreqrep._errors import HandlerReturnTypeError
 from mpreqrep._pool import (
     HandlerTimeoutError,
@@ -209,14 +211,14 @@ def test_a_pool_that_cannot_spawn_is_closed_and_start_raises(
     closed = []
     real_close = _pool._Pool.close
 
-    def no_processes(pool: Any, batch: list[tuple[int, str]]) -> Any:
+    def no_processes(pool: Any) -> Any:
         raise OSError("cannot spawn")
 
     def recording_close(pool: Any) -> list[Any]:
         closed.append(pool)
         return real_close(pool)
 
-    monkeypatch.setattr(_pool._Pool, "submit", no_processes)
+    monkeypatch.setattr(_pool._Pool, "start_channel_task", no_processes)
     monkeypatch.setattr(_pool._Pool, "close", recording_close)
     dispatcher = make(Echo(""), 1, start=False)
     with pytest.raises(OSError, match="cannot spawn"):
@@ -299,7 +301,7 @@ def test_many_waiting_requests_travel_in_batches(make: MakeDispatcher) -> None:
     dispatcher = make(Commands(), 1)
     futures = [dispatcher.submit(f"echo:{index}") for index in range(400)]
     assert [outcome(future) for future in futures] == [str(index) for index in range(400)]
-    assert dispatcher.stats()["tasks"] < 100
+    assert dispatcher.stats()["batches"] < 100
 
 
 def test_a_request_cancelled_while_waiting_never_runs(make: MakeDispatcher, tmp_path: Path) -> None:
@@ -359,21 +361,26 @@ def test_the_pool_recovers_quickly_after_a_crash(make: MakeDispatcher) -> None:
     print(f"first reply after a crash: {time.perf_counter() - started:.3f} s")
 
 
-def test_a_pool_found_broken_on_submit_is_replaced_and_the_request_moves(
+@loky_recycling_warning
+def test_a_pool_that_refuses_a_channel_task_is_replaced_and_requests_move(
     make: MakeDispatcher, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    dispatcher = make(Echo("moved:"), 1)
-    real_submit = _pool._Pool.submit
+    # With a cap below any RSS, each worker retires after one request and a new
+    # channel task is submitted: loky refuses that one, as a pool found broken.
+    dispatcher = make(Echo("moved:"), 1, max_rss=1)
+    real_start = _pool._Pool.start_channel_task
     refusals = []
 
-    def refuse_once(pool: Any, batch: list[tuple[int, str]]) -> Any:
-        if not refusals and batch:
-            refusals.append(batch)
+    def refuse_once(pool: Any) -> Any:
+        if not refusals:
+            refusals.append(pool)
             raise BrokenProcessPool("found broken")
-        return real_submit(pool, batch)
+        return real_start(pool)
 
-    monkeypatch.setattr(_pool._Pool, "submit", refuse_once)
+    monkeypatch.setattr(_pool._Pool, "start_channel_task", refuse_once)
     assert outcome(dispatcher.submit("x")) == "moved:x"
+    assert outcome(dispatcher.submit("y")) == "moved:y"
+    assert refusals
     stats = dispatcher.stats()
     assert (stats["pool_rebuilds"], stats["resubmitted"], stats["crashed"]) == (1, 0, 0)
 
@@ -518,116 +525,153 @@ def test_a_supervisor_bug_fails_requests_instead_of_hanging_them(
 ) -> None:
     dispatcher = make(Echo(""), 1)
 
-    def broken_take_batch(capacity: int, limit: int) -> list[Any]:
+    def broken_read(link: Any) -> None:
         raise KeyError("bug")
 
-    monkeypatch.setattr(dispatcher._ledger, "take_batch", broken_take_batch)
+    monkeypatch.setattr(dispatcher, "_read_link", broken_read)
     failure = outcome(dispatcher.submit("x"))
     assert isinstance(failure, RuntimeError)
     assert isinstance(failure.__cause__, KeyError)
 
 
-def test_a_task_that_fails_as_a_whole_fails_each_of_its_requests() -> None:
-    dispatcher = ProcessPoolDispatcher(Echo(""), 1, request_timeout_s=None, max_worker_memory=None)
-    future = dispatcher.submit("x")
-    (request,) = dispatcher._ledger.take_batch(1, 1)
-    pool = _pool._Pool.open(b"", 1, None)  # never submitted to, so no process starts
+def test_a_channel_task_that_fails_is_a_broken_pool_and_is_replaced(
+    make: MakeDispatcher, caplog: pytest.LogCaptureFixture
+) -> None:
+    dispatcher = make(Echo("e:"), 1)
+    old_pids = worker_pids(dispatcher)
     task: Future[Any] = Future()
-    task.set_exception(OSError("result lost"))
-    dispatcher._on_task_done(pool, [request.request_id], task)
-    pool.close()
-    dispatcher.shutdown()
-    assert isinstance(future.exception(timeout=0), OSError)
+    task.set_exception(OSError("channel lost"))
+    assert dispatcher._pool is not None
+    dispatcher._on_channel_task_done(dispatcher._pool, task)
+    assert wait_until(lambda: dispatcher.stats()["pool_rebuilds"] == 1, 30 * UNIT)
+    assert outcome(dispatcher.submit("x")) == "e:x"
+    assert "channel failed" in caplog.text
+    assert not {pid for pid in old_pids if alive(pid)}
+
+
+def test_a_reply_that_does_not_unpickle_fails_the_request_it_answers() -> None:
+    head = _pool._Request(7, "x", Future())
+    failed = _pool._decode_reply(b"not a pickle", head)
+    assert isinstance(failed, _worker.Outcome) and failed.request_id == 7
+    assert isinstance(failed.error, RuntimeError)
+    assert "cannot read the worker's reply" in str(failed.error)
 
 
 # -- the worker side, run in this process -----------------------------------------------
 
 
+TOKEN = "t" * 32
+
+
 @pytest.fixture
-def report_pipe(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Any, Any]]:
-    """A report pipe, with the worker globals restored afterwards."""
-    monkeypatch.setattr(_pool, "_worker", None)
-    sigint_handler = signal.getsignal(signal.SIGINT)  # _init_worker ignores SIGINT
-    reader, writer = multiprocessing.Pipe(duplex=False)
-    yield reader, writer
-    reader.close()
-    writer.close()
+def parent(monkeypatch: pytest.MonkeyPatch) -> Iterator[Listener]:
+    """A channel listener standing in for the parent, with the worker globals restored."""
+    monkeypatch.setattr(_worker, "_worker", None)
+    for name in ("_get_memory_usage", "_MEMORY_LEAK_CHECK_DELAY", "_MAX_MEMORY_LEAK_SIZE"):
+        monkeypatch.setattr(loky_executor, name, getattr(loky_executor, name))
+    sigint_handler = signal.getsignal(signal.SIGINT)  # init_worker ignores SIGINT
+    listener = Listener()
+    listener.sock.setblocking(True)
+    yield listener
+    listener.close()
     signal.signal(signal.SIGINT, sigint_handler)
 
 
-def test_the_worker_entry_reports_starts_and_captures_outcomes(
-    report_pipe: tuple[Any, Any],
-) -> None:
-    reader, writer = report_pipe
-    _pool._init_worker(pickle.dumps(Commands()), writer, None)
-    pid, outcomes = _pool._serve_batch([(1, "echo:a"), (2, "raise")])
-    assert pid == os.getpid()
-    assert outcomes[0]._replace(elapsed_s=0.0) == _pool._Outcome(1, reply="a")
-    assert outcomes[0].elapsed_s > 0
-    assert isinstance(outcomes[1].error, ValueError) and "do_raise" in outcomes[1].traceback
-    reports = [reader.recv() for _ in range(3)]
-    assert reports == [("ready", pid, None), ("started", pid, 1), ("started", pid, 2)]
+def read_frames(sock: socket.socket, count: int) -> list[bytes]:
+    """Read ``count`` frames from a blocking socket."""
+    reader, frames = FrameReader(), []
+    sock.settimeout(10 * UNIT)
+    while len(frames) < count:
+        data = sock.recv(65536)
+        assert data, f"end of stream after {len(frames)} of {count} frames"
+        frames += reader.feed(data)
+    return frames
 
 
-def test_a_worker_that_cannot_load_the_handler_reports_why(
-    report_pipe: tuple[Any, Any],
-) -> None:
-    reader, writer = report_pipe
+def serve_in_thread(parent: Listener) -> tuple[socket.socket, Future[Any]]:
+    """Run serve_channel in a thread; return the parent's end and the task's future."""
+    result: Future[Any] = Future()
+
+    def run() -> None:
+        try:
+            result.set_result(_worker.serve_channel())
+        except BaseException as exc:
+            result.set_exception(exc)
+
+    threading.Thread(target=run, daemon=True).start()
+    sock, _ = parent.sock.accept()
+    return sock, result
+
+
+def test_a_worker_says_hello_then_answers_each_request_in_order(parent: Listener) -> None:
+    _worker.init_worker(pickle.dumps(Commands()), parent.address, TOKEN, 3, None)
+    sock, task = serve_in_thread(parent)
+    with sock:
+        (hello,) = read_frames(sock, 1)
+        assert hello.startswith(TOKEN.encode())
+        assert pickle.loads(hello[len(TOKEN) :]) == _worker.Hello(os.getpid(), 3)
+        sock.sendall(encode_frame([(1, "echo:a"), (2, "raise")]) + encode_frame([(3, "echo:b")]))
+        first, second, third = map(pickle.loads, read_frames(sock, 3))
+    assert first._replace(elapsed_s=0.0) == _worker.Outcome(1, reply="a")
+    assert first.elapsed_s > 0
+    assert isinstance(second.error, ValueError) and "do_raise" in second.traceback
+    assert third.reply == "b"
+    assert task.result(timeout=10 * UNIT) == (os.getpid(), False)  # the parent closed it
+
+
+def test_a_worker_that_cannot_load_the_handler_says_why(parent: Listener) -> None:
     with pytest.raises(pickle.UnpicklingError):
-        _pool._init_worker(b"not a pickle", writer, None)
-    kind, pid, text = reader.recv()
-    assert (kind, pid) == ("init-failed", os.getpid())
-    assert "UnpicklingError" in text
+        _worker.init_worker(b"not a pickle", parent.address, TOKEN, 1, None)
+    sock, _ = parent.sock.accept()
+    with sock:
+        (frame,) = read_frames(sock, 1)
+    failure = pickle.loads(frame[len(TOKEN) :])
+    assert isinstance(failure, _worker.InitFailed)
+    assert (failure.pid, failure.generation) == (os.getpid(), 1)
+    assert "UnpicklingError" in failure.traceback
 
 
-def test_a_handler_error_that_does_not_pickle_is_sent_as_text(
-    report_pipe: tuple[Any, Any],
-) -> None:
-    _, writer = report_pipe
-    _pool._init_worker(pickle.dumps(Commands()), writer, None)
-    _, (result,) = _pool._serve_batch([(1, "raise-unpicklable")])
+def test_a_handler_error_that_does_not_pickle_is_sent_as_text(parent: Listener) -> None:
+    _worker.init_worker(pickle.dumps(Commands()), parent.address, TOKEN, 1, None)
+    sock, task = serve_in_thread(parent)
+    with sock:
+        read_frames(sock, 1)
+        sock.sendall(encode_frame([(1, "raise-unpicklable")]))
+        (frame,) = read_frames(sock, 1)
+    result = pickle.loads(frame)
     assert isinstance(result.error, RuntimeError)
     assert "BadReplyError: 7: no round trip" in str(result.error)
+    task.result(timeout=10 * UNIT)
 
 
-def test_the_memory_cap_turns_loky_leak_check_into_an_rss_limit(
-    report_pipe: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    for name in ("_get_memory_usage", "_MEMORY_LEAK_CHECK_DELAY", "_MAX_MEMORY_LEAK_SIZE"):
-        monkeypatch.setattr(loky_executor, name, getattr(loky_executor, name))
-    _, writer = report_pipe
-    cap = 10**12
-    _pool._init_worker(pickle.dumps(Echo("")), writer, cap)
-    reference = loky_executor._get_memory_usage(os.getpid(), force_gc=True)
+def test_a_worker_past_its_memory_cap_retires_and_loky_recycles_it(parent: Listener) -> None:
+    _worker.init_worker(pickle.dumps(Echo("")), parent.address, TOKEN, 1, 1)
+    probe = loky_executor._get_memory_usage
     assert loky_executor._MEMORY_LEAK_CHECK_DELAY < 0  # checked after every task
-    assert reference + loky_executor._MAX_MEMORY_LEAK_SIZE == cap  # recycles at rss >= cap
-    assert loky_executor._get_memory_usage(os.getpid()) > 0
+    assert probe(os.getpid(), force_gc=True) == 0  # the reference, after the first task
+    assert probe(os.getpid()) < loky_executor._MAX_MEMORY_LEAK_SIZE  # not retiring: stays
+    sock, task = serve_in_thread(parent)
+    with sock:
+        read_frames(sock, 1)
+        sock.sendall(encode_frame([(1, "a"), (2, "b")]))
+        messages = [pickle.loads(frame) for frame in read_frames(sock, 3)]
+    assert [type(message).__name__ for message in messages] == ["Outcome", "Retiring", "Outcome"]
+    assert task.result(timeout=10 * UNIT) == (os.getpid(), True)
+    assert probe(os.getpid()) >= loky_executor._MAX_MEMORY_LEAK_SIZE  # loky recycles it
+    assert _worker.serve_channel() == (os.getpid(), True)  # a later task ends at once
 
 
 # -- book-keeping and process helpers, without a pool -----------------------------------
 
 
-def test_a_deadline_of_a_request_that_finished_is_ignored() -> None:
-    ledger = _pool._Ledger(timeout_s=1.0)
-    assert ledger.add("x", Future()) is None
-    (request,) = ledger.take_batch(capacity=1, limit=1)
-    ledger.note_started([(request.request_id, 1234)], now=0.0)
-    assert ledger.seconds_to_next_deadline(now=0.25) == 0.75
-    assert [settled for settled, _ in ledger.settle([_pool._Outcome(0, reply="r")])] == [request]
-    assert ledger.pop_expired(now=5.0) == []
-    assert ledger.figures()["timed_out"] == 0
-    assert ledger.seconds_to_next_deadline(now=5.0) is None
-
-
-def test_a_worker_gone_before_it_registers_is_not_listed_or_killed() -> None:
+def test_a_worker_gone_before_it_is_described_is_not_listed_or_killed() -> None:
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
-    pool = _pool._Pool.open(b"", 1, None)  # never submitted to, so no process starts
-    assert pool.register_worker(gone.pid) == 1
-    assert pool.worker_infos() == []
-    pool.kill_worker(gone.pid)
+    assert _pool._describe_worker((gone.pid, None, 0)) is None
+    pool = _pool._Pool(executor=None, generation=1)
+    link = _pool._Link(channel=None, pid=gone.pid, process=None)  # type: ignore[arg-type]
+    pool.kill_worker(link)
     assert pool.killed == {gone.pid}
-    pool.close()
 
 
 def test_killing_a_process_tree_that_is_gone_does_nothing() -> None:
@@ -646,16 +690,16 @@ def test_zombie_children_do_not_count_as_live() -> None:
 
 
 def test_light_handlers_are_batched_and_heavy_ones_pipelined() -> None:
-    sizing = _pool._TaskSizing(workers=2)
-    assert (sizing.capacity(), sizing.batch_limit()) == (4, 1)  # unmeasured counts as heavy
+    sizing = _pool._TaskSizing()
+    assert sizing.depth() == _pool.HEAVY_DEPTH  # unmeasured counts as heavy
     sizing.observe([])
     assert not sizing.is_light()
-    sizing.observe([_pool._Outcome(1, elapsed_s=0.00001)] * 3)
+    sizing.observe([_worker.Outcome(1, elapsed_s=0.00001)] * 3)
     assert sizing.is_light()
-    assert (sizing.capacity(), sizing.batch_limit()) == (2, _pool.MAX_BATCH_SIZE)
+    assert sizing.depth() == _pool.MAX_BATCH_SIZE
     for _ in range(20):
-        sizing.observe([_pool._Outcome(1, elapsed_s=0.01)])
-    assert (sizing.capacity(), sizing.batch_limit()) == (4, 1)
+        sizing.observe([_worker.Outcome(1, elapsed_s=0.01)])
+    assert sizing.depth() == _pool.HEAVY_DEPTH
 
 
 def test_a_batch_mate_finished_before_a_hung_request_is_not_timed_out(
@@ -673,11 +717,8 @@ def test_a_batch_mate_finished_before_a_hung_request_is_not_timed_out(
     assert dispatcher.stats()["timed_out"] == 1
 
 
-def test_start_reports_are_drained_when_submit_dispatches_by_itself(
-    make: MakeDispatcher,
-) -> None:
-    """Thousands of requests dispatched from submit() must not fill the report pipe."""
+def test_thousands_of_requests_one_at_a_time_all_come_back(make: MakeDispatcher) -> None:
     dispatcher = make(Echo("e:"), 1)
-    count = 3 * 2000  # a 64 KiB pipe holds about 1,900 start reports
+    count = 3 * 2000
     for index in range(count):
         assert outcome(dispatcher.submit(f"{index}"), 10 * UNIT) == f"e:{index}"

@@ -1,0 +1,186 @@
+"""Framed messages between the parent and one worker process, over one socket.
+
+A frame is a 4-byte big-endian length and a pickle. The parent listens on a
+Unix socket in a private directory (loopback TCP where there are no Unix
+sockets); each worker connects once per channel task and says hello with the
+pool's token. Neither side ever reads a partial frame: :class:`FrameReader`
+buffers until a frame is whole. The parent's end is non-blocking and buffers
+what the socket does not take (:class:`Channel`); a worker's end blocks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pickle
+import shutil
+import socket
+import struct
+import tempfile
+from typing import Any
+
+FRAME_HEADER = struct.Struct("!I")
+RECV_CHUNK_SIZE = 65536
+LISTEN_BACKLOG = 128
+
+Address = str | tuple[str, int]
+
+
+def encode_frame(message: object) -> bytes:
+    """One frame carrying ``message``, ready to send."""
+    return frame_of(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
+
+
+def frame_of(data: bytes) -> bytes:
+    """One frame carrying ``data``, a pickle made elsewhere (say by cloudpickle)."""
+    return FRAME_HEADER.pack(len(data)) + data
+
+
+class FrameReader:
+    """Splits a byte stream into frame payloads (sans I/O)."""
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+
+    def feed(self, data: bytes) -> list[bytes]:
+        """Add received bytes; return the payloads of the frames now complete."""
+        buffer = self._buffer
+        buffer += data
+        payloads: list[bytes] = []
+        start = 0
+        header_size = FRAME_HEADER.size
+        while len(buffer) - start >= header_size:
+            (size,) = FRAME_HEADER.unpack_from(buffer, start)
+            end = start + header_size + size
+            if end > len(buffer):
+                break
+            payloads.append(bytes(buffer[start + header_size : end]))
+            start = end
+        del buffer[:start]
+        return payloads
+
+
+def connect(address: Address) -> socket.socket:
+    """A blocking socket connected to the parent's channel listener."""
+    family = socket.AF_UNIX if isinstance(address, str) else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.connect(address)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+class Listener:
+    """The parent's listening socket that worker channels connect to.
+
+    A Unix socket in a fresh directory only this user can enter; loopback TCP
+    where Unix sockets are missing. Non-blocking: :meth:`accept` returns
+    ``None`` when no worker is waiting.
+    """
+
+    def __init__(self) -> None:
+        self._directory: str | None = None
+        if hasattr(socket, "AF_UNIX"):
+            self._directory = tempfile.mkdtemp(prefix="mpreqrep-")
+            path = os.path.join(self._directory, "channels")
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.sock.bind(path)
+            self.address: Address = path
+        else:  # pragma: no cover - no Unix sockets (old Windows)
+            self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            self.sock.bind(("127.0.0.1", 0))
+            self.address = self.sock.getsockname()
+        self.sock.listen(LISTEN_BACKLOG)
+        self.sock.setblocking(False)
+
+    def accept(self) -> Channel | None:
+        """The next connected worker's channel, ``None`` if none is waiting."""
+        try:
+            sock, _ = self.sock.accept()
+        except (BlockingIOError, InterruptedError):
+            return None
+        return Channel(sock)
+
+    def close(self) -> None:
+        """Close the socket and remove its directory; idempotent."""
+        self.sock.close()
+        if self._directory is not None:
+            shutil.rmtree(self._directory, ignore_errors=True)
+            self._directory = None
+
+
+class Channel:
+    """The parent's non-blocking end of one worker's socket.
+
+    Sends never block: what the socket does not take waits in an outbox
+    until :meth:`flush`. Not thread-safe; the dispatcher serializes use.
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        self.sock = sock
+        self._reader = FrameReader()
+        self._outbox = bytearray()
+        self.closed = False
+
+    def fileno(self) -> int:
+        """The socket's file descriptor (for selectors)."""
+        return self.sock.fileno()
+
+    @property
+    def has_outbox(self) -> bool:
+        """Whether some bytes wait for the socket to take them."""
+        return bool(self._outbox)
+
+    def send(self, frame: bytes) -> None:
+        """Send ``frame`` now, or as much as fits and the rest on :meth:`flush`.
+
+        A worker that is gone takes nothing; its loss shows as end of stream.
+        """
+        if self.closed:
+            return
+        if self._outbox:
+            self._outbox += frame
+            return
+        sent = self._send_some(frame)
+        if sent < len(frame):
+            self._outbox += memoryview(frame)[sent:]
+
+    def flush(self) -> None:
+        """Send what waits in the outbox, as far as the socket takes it."""
+        if self._outbox and not self.closed:
+            del self._outbox[: self._send_some(self._outbox)]
+
+    def receive(self) -> list[bytes] | None:
+        """Payloads of the frames complete so far; ``None`` at end of stream."""
+        payloads: list[bytes] = []
+        while True:
+            try:
+                data = self.sock.recv(RECV_CHUNK_SIZE)
+            except (BlockingIOError, InterruptedError):
+                return payloads
+            except OSError:  # e.g. ECONNRESET: the worker is gone
+                data = b""
+            if not data:
+                return payloads or None
+            payloads += self._reader.feed(data)
+
+    def close(self) -> None:
+        """Close the socket (the worker reads end of stream); idempotent."""
+        if not self.closed:
+            self.closed = True
+            self._outbox.clear()
+            self.sock.close()
+
+    def _send_some(self, data: Any) -> int:
+        """Bytes of ``data`` the socket took; all of them if the worker is gone."""
+        try:
+            return int(self.sock.send(data))
+        except (BlockingIOError, InterruptedError):
+            return 0
+        except OSError:  # EPIPE, ECONNRESET: the worker is gone; drop the bytes
+            with contextlib.suppress(OSError):
+                self.sock.shutdown(socket.SHUT_WR)
+            return len(data)

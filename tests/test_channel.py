@@ -1,0 +1,110 @@
+"""Framing and the parent's non-blocking end of a worker channel, over real Unix sockets."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import socket
+from collections.abc import Iterator
+
+import pytest
+
+from mpreqrep._channel import Channel, FrameReader, Listener, connect, encode_frame
+
+from .conftest import UNIT, wait_until
+
+pytestmark = pytest.mark.timeout(30 * UNIT)
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[Channel, socket.socket]]:
+    """A parent-side channel and the blocking worker end it talks to."""
+    listener = Listener()
+    worker = connect(listener.address)  # queued at once on a Unix socket
+    channel = listener.accept()
+    assert channel is not None
+    yield channel, worker
+    channel.close()
+    worker.close()
+    listener.close()
+
+
+def test_frames_split_across_reads_and_packed_in_one_come_out_whole() -> None:
+    stream = encode_frame("first") + encode_frame(["second", 2]) + encode_frame(b"")
+    reader = FrameReader()
+    payloads: list[bytes] = []
+    for index in range(0, len(stream), 3):  # three bytes at a time
+        payloads += reader.feed(stream[index : index + 3])
+    assert [pickle.loads(payload) for payload in payloads] == ["first", ["second", 2], b""]
+    assert reader.feed(stream) and reader.feed(b"") == []
+
+
+def test_a_channel_keeps_what_the_socket_does_not_take_and_flushes_it_in_order(
+    pair: tuple[Channel, socket.socket],
+) -> None:
+    channel, worker = pair
+    big = encode_frame("x" * (4 << 20))  # far more than the socket buffers hold
+    channel.send(big)
+    assert channel.has_outbox
+    channel.send(encode_frame("after"))  # queued behind, never interleaved
+    reader, payloads = FrameReader(), []
+    worker.settimeout(10 * UNIT)
+    while len(payloads) < 2:
+        channel.flush()
+        payloads += reader.feed(worker.recv(1 << 20))
+    assert pickle.loads(payloads[0]) == "x" * (4 << 20)
+    assert pickle.loads(payloads[1]) == "after"
+    channel.flush()
+    assert not channel.has_outbox
+
+
+def test_a_channel_reads_whole_frames_then_the_end_of_stream(
+    pair: tuple[Channel, socket.socket],
+) -> None:
+    channel, worker = pair
+    received: list[bytes] = []
+    ended = []
+
+    def gather() -> bool:
+        payloads = channel.receive()
+        if payloads is None:
+            ended.append(True)
+        else:
+            received.extend(payloads)
+        return bool(ended)
+
+    assert channel.receive() == []  # nothing yet: does not block
+    worker.sendall(encode_frame(1) + encode_frame(2)[:3])
+    assert wait_until(lambda: gather() or bool(received), 10 * UNIT)
+    assert [pickle.loads(payload) for payload in received] == [1]  # the half frame waits
+    worker.sendall(encode_frame(2)[3:])
+    worker.close()
+    assert wait_until(gather, 10 * UNIT)
+    assert [pickle.loads(payload) for payload in received] == [1, 2]
+
+
+def test_sending_to_a_worker_that_is_gone_drops_the_bytes_quietly(
+    pair: tuple[Channel, socket.socket],
+) -> None:
+    channel, worker = pair
+    worker.close()
+    for _ in range(3):  # the first send may still succeed; later ones meet EPIPE
+        channel.send(encode_frame("lost"))
+    channel.flush()
+    assert not channel.has_outbox
+    assert channel.receive() is None
+    channel.close()
+    channel.send(encode_frame("after close"))  # ignored
+    channel.close()
+
+
+def test_the_listener_accepts_none_when_no_worker_waits_and_cleans_up() -> None:
+    listener = Listener()
+    assert isinstance(listener.address, str) and os.path.exists(listener.address)
+    assert oct(os.stat(os.path.dirname(listener.address)).st_mode & 0o777) == "0o700"
+    assert listener.accept() is None
+    listener.close()
+    assert not os.path.exists(os.path.dirname(listener.address))
+    listener.close()
+    with pytest.raises(OSError):
+        connect(listener.address)
