@@ -48,6 +48,7 @@ RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.EN
 # Linux: hold back the reply's last segment until SHUT_WR, so it leaves with the FIN
 # (one segment, not two: about 5 µs less server CPU per request over loopback).
 SEND_FLAGS = getattr(socket, "MSG_MORE", 0)
+DEFER_ACCEPT_S = 1
 
 READING, WAITING, WRITING, CLOSED = "reading", "waiting", "writing", "closed"
 
@@ -121,6 +122,19 @@ class _Deadlines:
         return next(iter(self._entries.values()), None)
 
 
+def _defer_accept(listener: socket.socket) -> None:
+    """Linux: have the kernel hold a new connection until its first bytes (or FIN).
+
+    The eager read at accept then finds the request, and the connection never
+    goes through the selector (no register, wake-up, unregister): ~10 µs less
+    server CPU per request. A client that stays silent is handed over after
+    about ``DEFER_ACCEPT_S`` anyway, so its read timeout starts that much later.
+    """
+    # AttributeError: no TCP_DEFER_ACCEPT on this platform (or not a real socket).
+    with contextlib.suppress(AttributeError, OSError):
+        listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, DEFER_ACCEPT_S)
+
+
 class IOLoop:
     """Accepts connections and moves each through read → submit → reply → close.
 
@@ -190,6 +204,7 @@ class IOLoop:
     def serve(self) -> None:
         """Serve until :meth:`request_stop`, then drain and close every socket."""
         self._listener.setblocking(False)
+        _defer_accept(self._listener)
         self._selector.register(self._wake_reader, selectors.EVENT_READ, self._drain_wake)
         try:
             while not (self._stop_requested and not self._connections):
