@@ -16,6 +16,7 @@ This module uses the standard library only; the loky pool lives in
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from typing import Any, Protocol
 
@@ -27,6 +28,22 @@ class Handler(Protocol):
 
     def handle_request(self, request: str) -> str:
         """Return the reply to one request."""
+
+
+class LoopHooks(Protocol):
+    """What the I/O loop offers a dispatcher that reads replies itself (see
+    :meth:`Dispatcher.attach`)."""
+
+    def call_soon(self, callback: Callable[[], None]) -> bool:
+        """Run ``callback`` on the I/O thread soon (any thread); ``False`` once the
+        loop has stopped, when the caller must run it itself."""
+
+    def add_reader(self, fileobj: Any, callback: Callable[[], None]) -> None:
+        """Call ``callback`` on the I/O thread whenever ``fileobj`` is readable
+        (I/O thread only)."""
+
+    def remove_reader(self, fileobj: Any) -> None:
+        """Stop watching ``fileobj``; harmless if it is not watched (I/O thread only)."""
 
 
 def run_handler(handler: Handler, request: str) -> str:
@@ -70,6 +87,10 @@ class Dispatcher(abc.ABC):
 
     def start(self) -> None:  # noqa: B027 - most dispatchers need no warm-up
         """Prepare to run handlers (warm a pool); errors raise from here."""
+
+    def attach(self, loop: LoopHooks) -> None:  # noqa: B027 - most dispatchers need no loop
+        """Called by the I/O loop as it starts serving: a dispatcher may then
+        read its replies on the I/O thread, saving a thread hop per request."""
 
     @abc.abstractmethod
     def submit(self, request: str) -> Future[str]:

@@ -30,9 +30,11 @@ import errno
 import logging
 import selectors
 import socket
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import CancelledError, Future
+from typing import Any
 
 from ._dispatch import Dispatcher
 from ._errors import RequestTimeoutError, RequestTooLargeError
@@ -183,6 +185,9 @@ class IOLoop:
         self._in_flight: dict[Future[str], _Connection] = {}
         self._queued: collections.deque[tuple[_Connection, str]] = collections.deque()
         self._completed: collections.deque[Future[str]] = collections.deque()
+        self._calls: collections.deque[Callable[[], None]] = collections.deque()
+        self._calls_lock = threading.Lock()
+        self._calls_open = True
         self._read_deadlines = _Deadlines(read_timeout_s)
         self._request_deadlines = _Deadlines(request_timeout_s)
         self._write_deadlines = _Deadlines(read_timeout_s)
@@ -193,6 +198,28 @@ class IOLoop:
         """Stop accepting; :meth:`serve` returns once every accepted request is done."""
         self._stop_requested = True
         self._wake_nowait()
+
+    def call_soon(self, callback: Callable[[], None]) -> bool:
+        """Run ``callback`` on the I/O thread soon (any thread).
+
+        Returns:
+            ``False`` once the loop has stopped: the caller runs it itself.
+        """
+        with self._calls_lock:
+            if not self._calls_open:
+                return False
+            self._calls.append(callback)
+        self._wake_nowait()
+        return True
+
+    def add_reader(self, fileobj: Any, callback: Callable[[], None]) -> None:
+        """Call ``callback`` whenever ``fileobj`` is readable (I/O thread only)."""
+        self._selector.register(fileobj, selectors.EVENT_READ, callback)
+
+    def remove_reader(self, fileobj: Any) -> None:
+        """Stop watching ``fileobj``; harmless if unwatched or stopped (I/O thread only)."""
+        with contextlib.suppress(KeyError, ValueError, RuntimeError):
+            self._selector.unregister(fileobj)
 
     def counts(self) -> tuple[int, int, int]:
         """Requests in flight, requests queued for room, connections still reading."""
@@ -206,6 +233,7 @@ class IOLoop:
         self._listener.setblocking(False)
         _defer_accept(self._listener)
         self._selector.register(self._wake_reader, selectors.EVENT_READ, self._drain_wake)
+        self._dispatcher.attach(self)
         try:
             while not (self._stop_requested and not self._connections):
                 self._update_accepting()
@@ -504,6 +532,9 @@ class IOLoop:
 
     def _close_everything(self) -> None:
         """Release every socket this loop owns (after a drain, or after a crash)."""
+        with self._calls_lock:
+            self._calls_open = False  # from now on, callers run their callbacks themselves
+        self._run_calls()
         for conn in list(self._connections):
             self._close(conn)
         self._close_listener()
@@ -518,9 +549,19 @@ class IOLoop:
             self._wake_writer.send(b"\0")
 
     def _drain_wake(self) -> None:
-        """Empty the wake-up socket."""
+        """Empty the wake-up socket and run the callbacks queued by :meth:`call_soon`."""
         try:
             while self._wake_reader.recv(4096):
                 pass
         except BlockingIOError:
             pass
+        self._run_calls()
+
+    def _run_calls(self) -> None:
+        """Run the queued callbacks, in order; one that fails is logged."""
+        calls = self._calls
+        while calls:
+            try:
+                calls.popleft()()
+            except Exception:
+                logger.exception("a callback queued on the I/O loop failed")

@@ -61,7 +61,7 @@ from loky.backend import get_context
 from loky.backend.reduction import dumps as loky_dumps
 
 from ._channel import Channel, Listener, encode_frame
-from ._dispatch import Dispatcher, Handler
+from ._dispatch import Dispatcher, Handler, LoopHooks
 from ._errors import RequestTimeoutError
 from ._worker import Hello, InitFailed, Outcome, Retiring, init_worker, serve_channel
 
@@ -132,6 +132,8 @@ class _Link:
     """One worker's channel as the parent sees it, with the requests sent on it.
 
     The worker answers in order, so ``in_flight[0]`` is the request it runs.
+    ``ended``: its stream ended (the worker died). ``on_loop``: the I/O loop
+    reads its replies. ``events``: what the supervisor's selector watches.
     """
 
     channel: Channel
@@ -140,7 +142,9 @@ class _Link:
     in_flight: deque[_Request] = field(default_factory=deque)
     served: int = 0
     retiring: bool = False
-    events: int = selectors.EVENT_READ
+    ended: bool = False
+    on_loop: bool = False
+    events: int = 0
 
 
 class _Verdict(NamedTuple):
@@ -327,6 +331,8 @@ class ProcessPoolDispatcher(Dispatcher):
         self._payload = b""
         self._pool: _Pool | None = None
         self._supervisor: threading.Thread | None = None
+        self._loop: LoopHooks | None = None
+        self._wake_for_writes = False
         self._closing = False
         self._closed = False
         self._futile_rebuilds = 0
@@ -357,6 +363,15 @@ class ProcessPoolDispatcher(Dispatcher):
             target=self._supervise, name="mpreqrep-pool-supervisor", daemon=True
         )
         self._supervisor.start()
+
+    def attach(self, loop: LoopHooks) -> None:
+        """Read the workers' replies on the I/O thread from now on.
+
+        Saves the hop through the supervisor thread on every reply. The
+        supervisor hands each channel over and takes it back to close it.
+        """
+        self._loop = loop
+        self._wakeup.set()
 
     def submit(self, request: str) -> Future[str]:
         """Send one request to a worker with room, or queue it; never blocks.
@@ -462,6 +477,8 @@ class ProcessPoolDispatcher(Dispatcher):
         link.in_flight.extend(batch)
         link.channel.send(encode_frame([(request.request_id, request.text) for request in batch]))
         self._counts["batches"] += 1
+        if link.channel.has_outbox:
+            self._wake_for_writes = True
 
     def _start_clock(self, request: _Request, now: float) -> None:
         """The request is now its worker's oldest: its handler runs, its deadline counts."""
@@ -474,7 +491,8 @@ class ProcessPoolDispatcher(Dispatcher):
         best: _Link | None = None
         for link in self._links():
             load = len(link.in_flight)
-            if load < depth and not link.retiring and (best is None or load < len(best.in_flight)):
+            usable = not (link.retiring or link.ended)
+            if load < depth and usable and (best is None or load < len(best.in_flight)):
                 best = link
         return best
 
@@ -553,25 +571,89 @@ class ProcessPoolDispatcher(Dispatcher):
             pool = self._recover(pool)
         self._expire_deadlines(pool)
         with self._lock:
-            for link in [link for link in pool.links.values() if link.retiring]:
-                if not link.in_flight:
-                    self._drop_link(pool, link)
+            self._wake_for_writes = False
+            retired = [link for link in pool.links.values() if link.retiring and not link.in_flight]
+            for link in retired:
+                del pool.links[link.pid]
             self._top_up()
-            for link in pool.links.values():
-                self._watch_writes(link)
+        for link in retired:  # closing its channel ends its worker's task
+            self._close_link(link)
+        for link in list(pool.links.values()):
+            if link.ended:
+                self._close_link(link)
+            else:
+                self._update_watch(link)
         if not self._closing:
             while pool.broken is None and pool.running_tasks() < self._workers:
                 self._start_channel_task(pool)
         return pool.broken is not None
 
-    def _watch_writes(self, link: _Link) -> None:
-        """Watch a channel for room to write while it has unsent bytes (the lock held)."""
-        events = selectors.EVENT_READ
+    def _update_watch(self, link: _Link) -> None:
+        """Watch an open channel where it belongs: its replies on the I/O loop once
+        attached, else here; room to write here while bytes wait to be sent."""
+        if link.channel.closed or link.ended:
+            return
+        loop = self._loop
+        if loop is not None and not link.on_loop:
+            link.on_loop = True  # before the loop can look at it
+            link.on_loop = loop.call_soon(functools.partial(self._watch_on_loop, link))
+        events = 0 if link.on_loop else selectors.EVENT_READ
         if link.channel.has_outbox:
             events |= selectors.EVENT_WRITE
-        if events != link.events and not link.channel.closed:
-            link.events = events
-            self._selector.modify(link.channel, events, functools.partial(self._on_link, link))
+        self._set_events(link, events)
+
+    def _set_events(self, link: _Link, events: int) -> None:
+        """Make the supervisor's selector watch ``events`` of a channel (0: nothing)."""
+        if events == link.events:
+            return
+        callback = functools.partial(self._on_link, link)
+        if not link.events:
+            self._selector.register(link.channel, events, callback)
+        elif not events:
+            self._selector.unregister(link.channel)
+        else:
+            self._selector.modify(link.channel, events, callback)
+        link.events = events
+
+    def _watch_on_loop(self, link: _Link) -> None:
+        """Have the I/O loop read a channel's replies (I/O thread)."""
+        loop = self._loop
+        assert loop is not None, "channels go to the loop only once attached"
+        if link.on_loop and not link.channel.closed:
+            loop.add_reader(link.channel, functools.partial(self._read_on_loop, link))
+
+    def _read_on_loop(self, link: _Link) -> None:
+        """Read replies on the I/O thread; wake the supervisor when it has work."""
+        try:
+            self._read_link(link)
+        except Exception as exc:  # a bug: the supervisor rebuilds the pool
+            logger.exception("reading worker %d's replies failed", link.pid)
+            pool = self._pool
+            if pool is not None:
+                pool.mark_broken(exc, None)
+            self._wakeup.set()
+            return
+        if self._timeout_s is not None or self._wake_for_writes or link.retiring or link.ended:
+            self._wakeup.set()
+
+    def _take_back(self, links: list[_Link]) -> None:
+        """Stop the I/O loop reading these channels; returns once it has."""
+        moved = [link for link in links if link.on_loop]
+        loop = self._loop
+        if not moved or loop is None:
+            return
+        released = threading.Event()
+
+        def release() -> None:
+            for link in moved:
+                loop.remove_reader(link.channel)
+            released.set()
+
+        if not loop.call_soon(release):  # the loop has stopped: nobody else reads
+            release()
+        released.wait()
+        for link in moved:
+            link.on_loop = False
 
     def _handle_events(self, timeout: float | None) -> None:
         """Wait up to ``timeout`` seconds for news and act on each."""
@@ -631,9 +713,7 @@ class ProcessPoolDispatcher(Dispatcher):
                 self._counts["recycled"] += 1
                 logger.info("worker %d started in place of a recycled worker", pid)
             self._top_up()
-        self._selector.register(
-            channel, selectors.EVENT_READ, functools.partial(self._on_link, link)
-        )
+        self._update_watch(link)
 
     def _on_link(self, link: _Link, mask: int) -> None:
         """A worker's channel is readable (replies, end of stream) or writable."""
@@ -647,8 +727,12 @@ class ProcessPoolDispatcher(Dispatcher):
         """Settle the replies a worker sent; at end of stream, stop watching it."""
         payloads = link.channel.receive()
         if payloads is None:  # the worker died: the pool breaks and is rebuilt
-            with self._lock:
-                self._close_link(link)
+            link.ended = True
+            if link.on_loop:  # on the I/O thread
+                assert self._loop is not None, "channels go to the loop only once attached"
+                self._loop.remove_reader(link.channel)
+            else:
+                self._set_events(link, 0)
             return
         settled: list[tuple[_Request, Outcome]] = []
         now = time.monotonic()
@@ -671,11 +755,6 @@ class ProcessPoolDispatcher(Dispatcher):
         for request, outcome in settled:
             _resolve(request.future, outcome)
         self._sizing.observe([outcome for _, outcome in settled])
-
-    def _drop_link(self, pool: _Pool, link: _Link) -> None:
-        """Close a retired worker's channel, which ends its task (the lock held)."""
-        del pool.links[link.pid]
-        self._close_link(link)
 
     def _start_channel_task(self, pool: _Pool) -> None:
         """Give the pool one more ``serve_channel`` task; a refusal marks it broken."""
@@ -738,14 +817,14 @@ class ProcessPoolDispatcher(Dispatcher):
         Raises:
             PoolStartError: workers keep dying before they load the handler.
         """
-        for link in list(broken.links.values()):  # what the workers sent before the end
-            if not link.channel.closed:
+        links = list(broken.links.values())
+        self._take_back(links)
+        for link in links:  # what the workers sent before the end
+            if not (link.channel.closed or link.ended):
                 self._read_link(link)
         self._check_progress(broken)
-        with self._lock:
-            links = list(broken.links.values())
-            for link in links:
-                self._close_link(link)
+        for link in links:
+            self._close_link(link)
         broken.close()
         fresh = self._open_pool()
         with self._lock:
@@ -762,9 +841,12 @@ class ProcessPoolDispatcher(Dispatcher):
         return fresh
 
     def _close_link(self, link: _Link) -> None:
-        """Stop watching a link and close its channel (the lock held)."""
-        if not link.channel.closed:  # an open channel is always watched
-            self._selector.unregister(link.channel)
+        """Stop watching a channel and close it (not on the I/O thread)."""
+        if link.channel.closed:
+            return
+        self._take_back([link])
+        self._set_events(link, 0)
+        with self._lock:  # submit() may be sending on it
             link.channel.close()
 
     def _requeue(self, requests: list[_Request]) -> None:
@@ -817,6 +899,8 @@ class ProcessPoolDispatcher(Dispatcher):
         self._closed = True
         if self._listener is not None:  # a worker connecting from now on fails and ends
             self._listener.close()
+        for link in list(self._pool.links.values()) if self._pool is not None else []:
+            self._close_link(link)
         with self._lock:
             for key in list(self._selector.get_map().values()):
                 if isinstance(key.fileobj, Channel):  # a link, or one not greeted yet

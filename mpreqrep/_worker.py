@@ -151,10 +151,13 @@ def serve_channel() -> tuple[int, bool]:
         while data := sock.recv(RECV_CHUNK_SIZE):
             for payload in reader.feed(data):
                 for request_id, text in pickle.loads(payload):
-                    sock.sendall(_encode_outcome(worker.serve(request_id, text)))
+                    reply = _encode_outcome(worker.serve(request_id, text))
                     if not worker.retiring and worker.outgrew_memory_cap():
+                        # Before the reply, so the parent sends nothing more here
+                        # once this request is answered.
                         worker.retiring = True
-                        sock.sendall(encode_frame(Retiring(pid)))
+                        reply = encode_frame(Retiring(pid)) + reply
+                    sock.sendall(reply)
     return pid, worker.retiring
 
 
