@@ -154,7 +154,11 @@ class Channel:
             del self._outbox[: self._send_some(self._outbox)]
 
     def receive(self) -> list[bytes] | None:
-        """Payloads of the frames complete so far; ``None`` at end of stream."""
+        """Payloads of the frames complete so far; ``None`` at end of stream.
+
+        Reads until the socket has nothing more (a short read says so without
+        another system call); the end of stream shows on the next call.
+        """
         payloads: list[bytes] = []
         while True:
             try:
@@ -166,6 +170,8 @@ class Channel:
             if not data:
                 return payloads or None
             payloads += self._reader.feed(data)
+            if len(data) < RECV_CHUNK_SIZE:
+                return payloads
 
     def close(self) -> None:
         """Close the socket (the worker reads end of stream); idempotent."""

@@ -178,6 +178,7 @@ class IOLoop:
         self._wake_reader.setblocking(False)
         self._wake_writer.setblocking(False)
         self._wake_pending = False
+        self._serving_thread: int | None = None
         self._stop_requested = False
         self._accepting = False
         self._accept_paused_until = 0.0
@@ -233,6 +234,7 @@ class IOLoop:
         self._listener.setblocking(False)
         _defer_accept(self._listener)
         self._selector.register(self._wake_reader, selectors.EVENT_READ, self._drain_wake)
+        self._serving_thread = threading.get_ident()
         self._dispatcher.attach(self)
         try:
             while not (self._stop_requested and not self._connections):
@@ -397,9 +399,13 @@ class IOLoop:
         future.add_done_callback(self._on_future_done)
 
     def _on_future_done(self, future: Future[str]) -> None:
-        """Queue a finished future for the I/O thread (runs in any thread)."""
+        """Queue a finished future for the I/O thread (runs in any thread).
+
+        On the I/O thread itself (a dispatcher reading replies there) no
+        wake-up is needed: the loop replies after every pass.
+        """
         self._completed.append(future)
-        if not self._wake_pending:
+        if threading.get_ident() != self._serving_thread and not self._wake_pending:
             self._wake_pending = True
             self._wake_nowait()
 
