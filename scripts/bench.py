@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from loadgen import DEFAULT_LOOP, LOOPS, GeneratorPool, LoadResult, LoadSpec
+from loadgen import DEFAULT_LOOP, LOOPS, GeneratorPool, LoadResult, LoadSpec, merge_results
 from peers import HANDLERS, PEERS, PeerError, PeerProcess
 from tqdm import tqdm
 
@@ -33,6 +33,7 @@ BUSY_FRACTION = 0.9  # generator CPU / (wall x processes) past which it may be t
 FULL: dict[str, Any] = {
     "clients": [1, 16, 64],
     "duration": 3.0,
+    "rounds": 3,
     "max_requests": 200_000,
     "warmup": 0.5,
     "ceiling": 2.0,
@@ -40,6 +41,7 @@ FULL: dict[str, Any] = {
 QUICK: dict[str, Any] = {
     "clients": [1, 8],
     "duration": 0.5,
+    "rounds": 1,
     "max_requests": 2000,
     "warmup": 0.2,
     "ceiling": 0.5,
@@ -71,6 +73,18 @@ class Row:
     def server_cpu_us_per_request(self) -> float | None:
         """Server CPU per successful request: comparable even when the generator is busy."""
         return self.server_cpu_s / self.ok * 1e6 if self.ok else None
+
+
+@dataclass
+class Measurement:
+    """One round of one cell: what the generator and the peer's CPU counter saw."""
+
+    server: str
+    handler: str
+    clients: int
+    result: LoadResult | None = None
+    server_cpu_s: float = 0.0
+    note: str = ""
 
 
 @dataclass(frozen=True)
@@ -173,6 +187,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("--handlers", type=_name_list(list(HANDLERS)), help="comma list (default: all)")
     add("--clients", type=_int_list, help="concurrent clients per cell " + _defaults("clients"))
     add("--duration", type=float, help="seconds of load per cell " + _defaults("duration"))
+    add(
+        "--rounds",
+        type=_positive_int,
+        help="sweeps over all servers that share each cell's duration and budget, so that "
+        "a machine slowing down mid-run costs every server alike " + _defaults("rounds"),
+    )
     add("--max-requests", type=int, help="request budget per cell " + _defaults("max_requests"))
     add("--warmup", type=float, help="seconds of load after a peer starts " + _defaults("warmup"))
     add(
@@ -216,14 +236,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def load_spec(args: argparse.Namespace, port: int, handler: str, clients: int) -> LoadSpec:
-    """The load for one cell."""
+    """The load for one round of one cell."""
     return LoadSpec(
         port=port,
         request=HANDLERS[handler].request,
         expected_reply=HANDLERS[handler].expected_reply(),
         clients=clients,
-        duration_s=args.duration,
-        max_requests=args.max_requests,
+        duration_s=args.duration / args.rounds,
+        max_requests=max(1, args.max_requests // args.rounds),
         timeout_s=args.timeout,
         loop=args.loop,
     )
@@ -253,11 +273,11 @@ def measure_ceiling(pool: GeneratorPool, args: argparse.Namespace) -> Ceiling | 
 
 def bench_peer(
     pool: GeneratorPool, args: argparse.Namespace, server: str, handler: str
-) -> Iterator[Row]:
-    """Start one peer, warm it up, and yield a row per client count.
+) -> Iterator[Measurement]:
+    """Start one peer, warm it up, and measure one round per client count.
 
-    A peer that fails to start or dies yields rows carrying the error for
-    the client counts it did not serve.
+    A peer that fails to start or dies yields measurements carrying the
+    error for the client counts it did not serve.
     """
     remaining = list(args.clients)
     try:
@@ -271,17 +291,38 @@ def bench_peer(
                 peer.check_alive()
     except PeerError as exc:
         tqdm.write(f"{server}/{handler}: {exc}", file=sys.stderr)
-        yield from (Row(server, handler, clients, note=exc.summary) for clients in remaining)
+        yield from (
+            Measurement(server, handler, clients, note=exc.summary) for clients in remaining
+        )
 
 
 def measure_cell(
     pool: GeneratorPool, args: argparse.Namespace, peer: PeerProcess, spec: LoadSpec
-) -> Row:
-    """Run one load against a running peer and summarise it."""
+) -> Measurement:
+    """Run one load against a running peer."""
     cpu_before_s = peer.cpu_seconds()
     result = pool.run(spec)
     server_cpu_s = peer.cpu_seconds() - cpu_before_s
-    return make_row(peer.server, peer.handler, spec.clients, result, server_cpu_s, args.processes)
+    return Measurement(peer.server, peer.handler, spec.clients, result, server_cpu_s)
+
+
+def combine_rounds(rounds: Sequence[Measurement], processes: int) -> Row:
+    """One row from the rounds of a cell: counts and CPU add up, latencies pool,
+    and the rate is the rounds' rates weighted by their duration."""
+    first = rounds[0]
+    failed = next((part for part in rounds if part.result is None), None)
+    if failed is not None:
+        return Row(first.server, first.handler, first.clients, note=failed.note)
+    results = [part.result for part in rounds if part.result is not None]
+    combined = merge_results(results)  # sums ok, errors, latencies and CPU
+    combined.wall_s = sum(result.wall_s for result in results)
+    combined.rate = (
+        sum(result.rate * result.wall_s for result in results) / combined.wall_s
+        if combined.wall_s > 0
+        else 0.0
+    )
+    server_cpu_s = sum(part.server_cpu_s for part in rounds)
+    return make_row(first.server, first.handler, first.clients, combined, server_cpu_s, processes)
 
 
 def make_row(
@@ -325,18 +366,21 @@ def add_ratios(rows: list[Row]) -> None:
 
 
 def run_benchmark(args: argparse.Namespace) -> tuple[Ceiling | None, list[Row]]:
-    """Measure the ceiling, then every server and handler, with a progress bar."""
+    """Measure the ceiling, then every server and handler in rounds, with a progress bar."""
     cells = len(args.servers) * len(args.handlers) * len(args.clients)
-    rows: list[Row] = []
+    measured: dict[tuple[str, str, int], list[Measurement]] = {}
     with GeneratorPool(args.processes) as pool:
         ceiling = measure_ceiling(pool, args) if args.ceiling > 0 else None
-        with tqdm(total=cells, unit="cell", disable=args.no_progress) as progress:
-            for server in args.servers:
-                for handler in args.handlers:
-                    progress.set_postfix_str(f"{server} {handler}")
-                    for row in bench_peer(pool, args, server, handler):
-                        rows.append(row)
-                        progress.update()
+        with tqdm(total=cells * args.rounds, unit="cell", disable=args.no_progress) as progress:
+            for round_number in range(1, args.rounds + 1):
+                for server in args.servers:
+                    for handler in args.handlers:
+                        progress.set_postfix_str(f"round {round_number}: {server} {handler}")
+                        for part in bench_peer(pool, args, server, handler):
+                            key = (part.server, part.handler, part.clients)
+                            measured.setdefault(key, []).append(part)
+                            progress.update()
+    rows = [combine_rounds(rounds, args.processes) for rounds in measured.values()]
     add_ratios(rows)
     return ceiling, rows
 

@@ -139,3 +139,19 @@ def test_wrapper_help() -> None:
     assert completed.returncode == 0, completed.stderr
     for option in ("--servers", "--clients", "--processes", "--quick", "--markdown"):
         assert option in completed.stdout
+
+
+def test_rounds_of_a_cell_add_up_and_a_failed_round_fails_the_cell() -> None:
+    import bench
+
+    def part(rate: float, wall_s: float, ok: int, latency_s: float) -> bench.Measurement:
+        result = loadgen.LoadResult(ok=ok, rate=rate, wall_s=wall_s, cpu_s=0.5)
+        result.latencies_s.extend([latency_s] * ok)
+        return bench.Measurement("threading", "echo", 4, result, server_cpu_s=0.25)
+
+    row = bench.combine_rounds([part(100.0, 1.0, 100, 0.001), part(300.0, 3.0, 900, 0.003)], 1)
+    assert row.requests_per_s == pytest.approx(250.0)  # (100 x 1 + 300 x 3) / 4 s
+    assert (row.ok, row.server_cpu_s, row.generator_cpu_s, row.wall_s) == (1000, 0.5, 1.0, 4.0)
+    assert row.p50_ms == pytest.approx(3.0)
+    failed = bench.Measurement("threading", "echo", 4, note="peer died")
+    assert bench.combine_rounds([part(100.0, 1.0, 100, 0.001), failed], 1).note == "peer died"

@@ -8,6 +8,7 @@ import socket
 import threading
 from collections.abc import Iterator
 from concurrent.futures import Future
+from typing import Any
 
 import pytest
 
@@ -242,3 +243,46 @@ def test_answered_connections_hold_no_deadline(serving: list[IOLoop]) -> None:
     assert loop._select_timeout() is None
     server.stop()
     server.run()
+
+
+class AttachingDispatcher(ManualDispatcher):
+    """Remembers the loop it was attached to."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.loop: IOLoop | None = None
+        self.attached = threading.Event()
+
+    def attach(self, loop: Any) -> None:
+        self.loop = loop
+        self.attached.set()
+
+
+def test_an_attached_dispatcher_can_run_callbacks_and_read_sockets_on_the_io_thread(
+    serving: list[IOLoop], caplog: pytest.LogCaptureFixture
+) -> None:
+    dispatcher = AttachingDispatcher()
+    loop = start_loop(serving, socket.create_server(("127.0.0.1", 0)), dispatcher)
+    assert dispatcher.attached.wait(10 * UNIT) and dispatcher.loop is loop
+    ran_on: list[str] = []
+    readable = threading.Event()
+    reader, writer = socket.socketpair()
+
+    def watch() -> None:
+        ran_on.append(threading.current_thread().name)
+        loop.add_reader(reader, lambda: (readable.set(), loop.remove_reader(reader)))
+
+    def fail() -> None:
+        raise KeyError("callback bug")
+
+    assert loop.call_soon(fail)  # logged; the loop goes on
+    assert loop.call_soon(watch)
+    writer.send(b"x")
+    assert readable.wait(10 * UNIT)
+    assert len(ran_on) == 1 and ran_on[0].startswith("test-loop")
+    assert "a callback queued on the I/O loop failed" in caplog.text
+    loop.remove_reader(reader)  # not watched any more: harmless
+    loop.request_stop()
+    assert wait_until(lambda: not loop.call_soon(watch), 10 * UNIT)  # stopped: run it yourself
+    reader.close()
+    writer.close()
