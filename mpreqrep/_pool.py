@@ -12,22 +12,26 @@ loky starts the processes, loads the handler in each (its initializer) and
 runs one long task per worker, :func:`~._worker.serve_channel`, which
 connects back to the parent. Requests then travel on those channels, not as
 loky tasks: a request costs one write each way, no trip through loky's
-manager and feeder threads. Data crossing threads and processes::
+manager and feeder threads. Once attached to the I/O loop
+(:meth:`ProcessPoolDispatcher.attach`), the I/O thread reads the replies
+too, so a request never changes thread. Data crossing threads and processes::
 
-    I/O thread              supervisor thread                worker process (x N)
-    ----------              -----------------                --------------------
-    submit(text) ─── a worker has room: frame [(id, text)] ──▶ serve_channel:
-      │ none has room                                           handle_request, in order
-      ▼                                                               │
-    waiting ──▶ top-up on each reply, [(id, text), ...] ──────────▶  │
-    deque       (one frame, sized by _TaskSizing)                     │
-                      ▲                                               │
-                      │ select(listener, channels, wake-up,           │
-                      │        timeout=next deadline) ◀── reply frame ┘
-                      ├─▶ deadline passed: psutil kill of that worker's process tree
-                      └─▶ pool broken: new pool, culprit fails, bystanders go again
-                      │
-    future ◀── reply text or exception
+    I/O thread                                                worker process (x N)
+    ----------                                                --------------------
+    submit(text) ── a worker has room: frame [(id, text)] ──▶ serve_channel:
+      │ none has room                                          handle_request, in order
+      ▼                                                              │
+    waiting ──▶ top-up on each reply: [(id, text), ...] ──────────▶ │
+    deque       (one frame, sized by _TaskSizing)                    │
+    future ◀── reply text or exception ◀── channel readable ◀────────┘
+
+    supervisor thread: select(listener, wake-up, channels' writes,
+                              timeout=next deadline)
+      ├─▶ a worker connects: its channel goes to the I/O loop
+      ├─▶ deadline passed: psutil kill of that worker's process tree
+      ├─▶ a worker retiring (memory cap): close its channel once it is idle
+      └─▶ pool broken: take the channels back, read what the workers sent,
+          new pool, culprit fails, bystanders go again
 
 A worker answers its channel in order, so the oldest request without a reply
 on a channel is the one its worker runs. When a worker dies, loky fails the
@@ -287,7 +291,8 @@ class ProcessPoolDispatcher(Dispatcher):
 
     Thread safety: :meth:`start` and :meth:`shutdown` are called by the
     server's thread, :meth:`submit` by the I/O thread (it never blocks), and
-    :meth:`stats` by any thread. Futures are resolved on the supervisor thread.
+    :meth:`stats` by any thread. Futures are resolved on the I/O thread once
+    :meth:`attach` was called, else on the supervisor thread.
 
     Args:
         handler: the server object; it must pickle (with cloudpickle, so a
