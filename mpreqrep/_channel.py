@@ -23,7 +23,13 @@ FRAME_HEADER = struct.Struct("!I")
 RECV_CHUNK_SIZE = 65536
 LISTEN_BACKLOG = 128
 
+MAX_UNIX_PATH = 100
+"""Longest socket path used: the kernel's limit is 104-108 bytes, by platform."""
+
 Address = str | tuple[str, int]
+
+_open_directories: set[str] = set()
+"""Directories of the listeners not closed yet, for :func:`remove_socket_directories`."""
 
 
 def encode_frame(message: object) -> bytes:
@@ -85,6 +91,11 @@ class Listener:
         if hasattr(socket, "AF_UNIX"):
             self._directory = tempfile.mkdtemp(prefix="mpreqrep-")
             path = os.path.join(self._directory, "channels")
+            if len(path) > MAX_UNIX_PATH and os.path.isdir("/tmp"):  # a long TMPDIR
+                os.rmdir(self._directory)
+                self._directory = tempfile.mkdtemp(prefix="mpreqrep-", dir="/tmp")
+                path = os.path.join(self._directory, "channels")
+            _open_directories.add(self._directory)
             self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             self.sock.bind(path)
             self.address: Address = path
@@ -108,7 +119,15 @@ class Listener:
         self.sock.close()
         if self._directory is not None:
             shutil.rmtree(self._directory, ignore_errors=True)
+            _open_directories.discard(self._directory)
             self._directory = None
+
+
+def remove_socket_directories() -> None:
+    """Remove the socket directories of the listeners still open, for an exit
+    that skips their ``close()`` (``os._exit``); a SIGKILL leaves them behind."""
+    for directory in list(_open_directories):
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 class Channel:

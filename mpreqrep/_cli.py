@@ -45,6 +45,7 @@ from . import (
     do_request,
     split_address,
 )
+from ._channel import remove_socket_directories
 
 logger = logging.getLogger("mpreqrep")
 
@@ -460,6 +461,7 @@ def _exit_now(signum: int) -> NoReturn:
         os.write(sys.stderr.fileno(), f"{PROG}: second {name}: exiting now\n".encode())
     for child in multiprocessing.active_children():
         child.terminate()
+    remove_socket_directories()
     os._exit(EXIT_SIGNAL_BASE + signum)
 
 

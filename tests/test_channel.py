@@ -5,10 +5,13 @@ from __future__ import annotations
 import os
 import pickle
 import socket
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
+from mpreqrep import _channel
 from mpreqrep._channel import Channel, FrameReader, Listener, connect, encode_frame
 
 from .conftest import UNIT, wait_until
@@ -108,3 +111,26 @@ def test_the_listener_accepts_none_when_no_worker_waits_and_cleans_up() -> None:
     listener.close()
     with pytest.raises(OSError):
         connect(listener.address)
+
+
+def test_socket_directories_can_be_removed_for_an_exit_that_skips_close() -> None:
+    listener = Listener()
+    assert isinstance(listener.address, str)
+    directory = os.path.dirname(listener.address)
+    _channel.remove_socket_directories()
+    assert not os.path.exists(directory)
+    listener.close()
+
+
+def test_a_long_tmpdir_still_gives_a_short_socket_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    long_dir = tmp_path / ("d" * 120)
+    long_dir.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(long_dir))
+    listener = Listener()
+    assert isinstance(listener.address, str)
+    assert len(listener.address) <= _channel.MAX_UNIX_PATH
+    assert listener.accept() is None
+    listener.close()
+    assert list(long_dir.iterdir()) == []

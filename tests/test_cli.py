@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 from collections.abc import Callable, Iterator
@@ -554,9 +555,14 @@ def test_signal_drains_in_flight_requests_and_exits_0(
 @pytest.mark.timeout(SUBPROCESS_TIMEOUT)
 @pytest.mark.parametrize("options", [["--async"], ["--workers", "1"]], ids=["threads", "process"])
 def test_second_signal_exits_at_once(
-    options: list[str], tmp_path: Path, serve_cli: list[ServeProcess]
+    options: list[str],
+    tmp_path: Path,
+    serve_cli: list[ServeProcess],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     (tmp_path / "holding.py").write_text(HOLDING_MODULE)
+    temporary = Path(tempfile.mkdtemp(prefix="t", dir="/tmp"))  # short: socket paths
+    monkeypatch.setenv("TMPDIR", str(temporary))  # the server's, to see it clean up
     child = start(serve_cli, "holding:HoldingServer", *options, cwd=tmp_path)
     address = child.read_address()
     thread, replies = request_in_thread(address, "stuck")
@@ -570,6 +576,8 @@ def test_second_signal_exits_at_once(
     thread.join(30 * UNIT)
     assert replies == [""]  # never answered: its handler died with the process
     child.assert_no_descendants_left()
+    assert list(temporary.iterdir()) == []  # no socket directory left behind
+    temporary.rmdir()
 
 
 @pytest.mark.timeout(SUBPROCESS_TIMEOUT)
