@@ -354,7 +354,8 @@ class DaskDispatcher(RemoteDispatcher):
     queueing the request until the scheduler is back. A request that fails
     with ``KilledWorker`` (workers died while it was assigned to them) is
     retried once, alone, as a crash in a process pool is; the pool itself
-    needs no replacing.
+    needs no replacing. Requests go through the client, with the executor's
+    options, not through the executor (see :func:`_submit_to_dask`).
 
     Args:
         executor: a Dask ``ClientExecutor`` or a :class:`DaskExecutor`.
@@ -380,8 +381,40 @@ class DaskDispatcher(RemoteDispatcher):
         status = self._client.status
         if status != "running":
             raise ConnectionError(f"the Dask client is {status!r}: no scheduler to submit to")
-        submit: Callable[..., Future[Any]] = executor.submit  # Dask options ride in kwargs
-        return submit(run_cached, token, server, request, pure=False)
+        inner = getattr(executor, "_executor", executor)  # a DaskExecutor's ClientExecutor
+        options = {**getattr(inner, "_kwargs", {}), "pure": False}  # get_executor(**options)
+        return _submit_to_dask(self._client, (run_cached, token, server, request), options)
+
+
+def _submit_to_dask(client: Any, call: tuple[Any, ...], options: dict[str, Any]) -> Future[Any]:
+    """``client.submit(*call, **options)`` as a concurrent future, cancellable both ways.
+
+    Not through Dask's ``ClientExecutor``: its future stays pending for ever
+    when fetching a finished result fails (the worker holding it died and the
+    recomputation was killed too; distributed 2026.8 raises ``KilledWorker``
+    there instead of passing it on). Here any error fails the future.
+    """
+    task = client.submit(*call, **options)
+    attempt: Future[Any] = Future()
+
+    def cancel_task(done: Future[Any]) -> None:
+        if done.cancelled():
+            task.cancel()
+
+    def settle(finished: Any) -> None:  # on a thread of the Dask client
+        if finished.status == "cancelled":  # e.g. the scheduler went away
+            attempt.cancel()
+            return
+        if not attempt.set_running_or_notify_cancel():
+            return  # cancelled meanwhile
+        try:
+            attempt.set_result(finished.result())
+        except BaseException as exc:
+            attempt.set_exception(exc)
+
+    attempt.add_done_callback(cancel_task)
+    task.add_done_callback(settle)
+    return attempt
 
 
 def _cancel_attempt(call: _Call, reply: Future[str]) -> None:

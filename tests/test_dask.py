@@ -22,6 +22,7 @@ import distributed
 import pytest
 
 import mpreqrep
+from mpreqrep import _remote
 from mpreqrep._remote import dask_executor, run_cached
 from workers.echo import EchoServer
 from workers.primes import PrimeServer
@@ -185,3 +186,61 @@ def test_cli_serves_on_the_cluster_with_dask_option(cluster: Any) -> None:
     finally:
         process.send_signal(signal.SIGINT)
         assert process.wait(timeout=60 * UNIT) == 0
+
+
+class FakeTask:
+    """Stands in for a ``distributed.Future`` whose result fetch fails."""
+
+    def __init__(self, status: str, error: BaseException | None = None) -> None:
+        self.status = status
+        self.error = error
+        self.cancelled = False
+        self.callbacks: list[Any] = []
+
+    def add_done_callback(self, callback: Any) -> None:
+        self.callbacks.append(callback)
+
+    def result(self) -> str:
+        if self.error is not None:
+            raise self.error
+        return "reply"
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class FakeClient:
+    def __init__(self, task: FakeTask) -> None:
+        self.task = task
+        self.submitted: list[tuple[Any, ...]] = []
+
+    def submit(self, *call: Any, **options: Any) -> FakeTask:
+        self.submitted.append((call, options))
+        return self.task
+
+
+def test_a_result_that_cannot_be_fetched_fails_the_attempt_instead_of_hanging() -> None:
+    """distributed 2026.8's ClientExecutor left such a future pending for ever."""
+    lost = FakeTask("finished", distributed.KilledWorker("task", None, 1))
+    client = FakeClient(lost)
+    attempt = _remote._submit_to_dask(client, (len, "x"), {"pure": False})
+    assert client.submitted == [((len, "x"), {"pure": False})]
+    (settle,) = lost.callbacks
+    settle(lost)
+    assert isinstance(attempt.exception(timeout=0), distributed.KilledWorker)
+
+    finished = FakeTask("finished")
+    attempt = _remote._submit_to_dask(FakeClient(finished), (len,), {})
+    finished.callbacks[0](finished)
+    assert attempt.result(timeout=0) == "reply"
+
+
+def test_cancelling_passes_both_ways_between_the_attempt_and_the_dask_task() -> None:
+    task = FakeTask("pending")
+    attempt = _remote._submit_to_dask(FakeClient(task), (len,), {})
+    assert attempt.cancel() and task.cancelled
+    task.callbacks[0](task)  # the task ends later: nothing more happens
+    dropped = FakeTask("cancelled")
+    attempt = _remote._submit_to_dask(FakeClient(dropped), (len,), {})
+    dropped.callbacks[0](dropped)
+    assert attempt.cancelled()
