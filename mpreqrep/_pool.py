@@ -446,10 +446,9 @@ class ProcessPoolDispatcher(Dispatcher):
         if link is None:
             self._waiting.append(request)
             return not any(link.in_flight for link in self._links())
-        if not request.future.set_running_or_notify_cancel():
+        if not _claim(request):
             return False
-        request.dispatched = True
-        self._send(link, [request], time.monotonic())
+        self._send(link, [request])
         return self._timeout_s is not None or link.channel.has_outbox
 
     def _top_up(self) -> None:
@@ -463,32 +462,31 @@ class ProcessPoolDispatcher(Dispatcher):
             share = min(room, -(-len(self._waiting) // len(links)))  # ceil
             batch = self._take_waiting(share)
             if batch:
-                self._send(link, batch, time.monotonic())
+                self._send(link, batch)
 
     def _take_waiting(self, count: int) -> list[_Request]:
         """Up to ``count`` waiting requests, oldest first, cancelled ones dropped."""
         batch: list[_Request] = []
         while self._waiting and len(batch) < count:
             request = self._waiting.popleft()
-            if request.dispatched or request.future.set_running_or_notify_cancel():
-                request.dispatched = True
+            if _claim(request):
                 batch.append(request)
         return batch
 
-    def _send(self, link: _Link, batch: list[_Request], now: float) -> None:
+    def _send(self, link: _Link, batch: list[_Request]) -> None:
         """Write one frame of requests to a worker; the first may start at once."""
         if not link.in_flight:
-            self._start_clock(batch[0], now)
+            self._start_clock(batch[0])
         link.in_flight.extend(batch)
         link.channel.send(encode_frame([(request.request_id, request.text) for request in batch]))
         self._counts["batches"] += 1
         if link.channel.has_outbox:
             self._wake_for_writes = True
 
-    def _start_clock(self, request: _Request, now: float) -> None:
+    def _start_clock(self, request: _Request) -> None:
         """The request is now its worker's oldest: its handler runs, its deadline counts."""
         if self._timeout_s is not None:
-            request.deadline = now + self._timeout_s
+            request.deadline = time.monotonic() + self._timeout_s
 
     def _least_busy_link(self) -> _Link | None:
         """The worker with the fewest requests in flight, if one has room."""
@@ -740,7 +738,6 @@ class ProcessPoolDispatcher(Dispatcher):
                 self._set_events(link, 0)
             return
         settled: list[tuple[_Request, Outcome]] = []
-        now = time.monotonic()
         with self._lock:
             for payload in payloads:
                 head = link.in_flight[0] if link.in_flight else None
@@ -755,7 +752,7 @@ class ProcessPoolDispatcher(Dispatcher):
                 link.served += 1
                 settled.append((head, message))
                 if link.in_flight:
-                    self._start_clock(link.in_flight[0], now)
+                    self._start_clock(link.in_flight[0])
             self._top_up()
         for request, outcome in settled:
             _resolve(request.future, outcome)
@@ -1042,6 +1039,13 @@ def _judge(pool: _Pool, links: list[_Link]) -> _Verdict:
             (abandoned if given_up else retry).append(request)
         link.in_flight.clear()
     return _Verdict(culprits, abandoned, retry)
+
+
+def _claim(request: _Request) -> bool:
+    """Mark a request as handed to a worker; ``False`` if it was cancelled while waiting."""
+    if not request.dispatched:
+        request.dispatched = request.future.set_running_or_notify_cancel()
+    return request.dispatched
 
 
 def _decode_reply(payload: bytes, head: _Request | None) -> Outcome | Retiring:

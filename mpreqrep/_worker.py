@@ -16,7 +16,6 @@ replace the process through loky's clean exit handshake.
 from __future__ import annotations
 
 import contextlib
-import gc
 import os
 import pickle
 import signal
@@ -186,9 +185,8 @@ class _RecycleHook:
         self._reference_taken = False
 
     def __call__(self, pid: int, force_gc: bool = False) -> int:
-        """0, or a reading past any limit when the worker is retiring."""
-        if force_gc:
-            gc.collect()
+        """0, or a reading past any limit when the worker is retiring (no memory is
+        read, so ``force_gc`` has nothing to free)."""
         if not self._reference_taken:
             self._reference_taken = True
             return 0
