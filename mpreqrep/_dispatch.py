@@ -9,18 +9,19 @@ process pool or on a cluster::
         ▲                                                       │
         └──────── done callback (reply text or exception) ◀─────┘
 
-This module uses the standard library only; the loky pool lives in
-``_pool.py``.
+This module uses the standard library (and ``_threads``) only; the loky pool
+lives in ``_pool.py``.
 """
 
 from __future__ import annotations
 
 import abc
 from collections.abc import Callable
-from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future
 from typing import Any, Protocol
 
 from ._errors import HandlerReturnTypeError
+from ._threads import DaemonThreadExecutor
 
 
 class Handler(Protocol):
@@ -159,6 +160,11 @@ class ExecutorDispatcher(Dispatcher):
 
 
 def thread_dispatcher(handler: Handler, *, max_threads: int) -> ExecutorDispatcher:
-    """A dispatcher that runs handlers concurrently on up to ``max_threads`` threads."""
-    pool = ThreadPoolExecutor(max_workers=max_threads, thread_name_prefix="mpreqrep-handler")
+    """A dispatcher that runs handlers concurrently on up to ``max_threads`` threads.
+
+    The threads are daemons, as yoton's handler threads are: a handler still
+    running never holds up interpreter exit (``stop()`` + ``join()`` still
+    wait for every accepted request).
+    """
+    pool = DaemonThreadExecutor(max_threads, thread_name_prefix="mpreqrep-handler")
     return ExecutorDispatcher(pool, handler, owned=True)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
+import time
 from collections.abc import Callable, Iterator
 from types import ModuleType
 
@@ -121,3 +124,46 @@ def test_drop_in_import_swap(yoton: ModuleType) -> None:
         finally:
             server.stop()
             server.join(10 * UNIT)
+
+
+EXIT_SCRIPT = """
+import sys, threading, time
+module = sys.argv[1]
+if module == "yoton":
+    import pyzo, os
+    sys.path.insert(0, os.path.dirname(pyzo.__file__))
+import importlib
+lib = importlib.import_module(module)
+started = threading.Event()
+
+class Slow(lib.RequestServer):
+    def handle_request(self, request):
+        started.set()
+        time.sleep(10)
+        return "late"
+
+server = Slow("localhost:0", async_val=True)
+port = server._bsd_socket.getsockname()[1] if module == "yoton" else server.port
+server.start()
+threading.Thread(target=lib.do_request, args=(f"localhost:{port}", "x", 30), daemon=True).start()
+assert started.wait(30), "the handler never started"
+print("exiting", flush=True)
+"""
+
+
+@pytest.mark.parametrize("module", ["yoton", "mpreqrep"])
+def test_running_async_handler_does_not_block_exit(module: str) -> None:
+    """Handler threads are daemons, as yoton's: a 10 s handler costs exit nothing."""
+    process = subprocess.Popen(
+        [sys.executable, "-c", EXIT_SCRIPT, module], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert process.stdout is not None
+        assert process.stdout.readline() == "exiting\n"
+        began = time.monotonic()
+        assert process.wait(timeout=30 * UNIT) == 0
+        assert time.monotonic() - began < 1 * UNIT
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
