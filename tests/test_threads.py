@@ -111,6 +111,19 @@ def test_shutdown_can_cancel_what_has_not_started() -> None:
     assert running.result(timeout=10 * UNIT) is True
 
 
+def test_a_call_cancelled_while_queued_never_runs() -> None:
+    release = threading.Event()
+    ran: list[str] = []
+    with DaemonThreadExecutor(1) as pool:
+        blocker = pool.submit(release.wait, 10 * UNIT)
+        queued = pool.submit(ran.append, "cancelled")
+        assert queued.cancel()
+        release.set()
+        assert blocker.result(timeout=10 * UNIT) is True
+        pool.submit(ran.append, "after").result(timeout=10 * UNIT)
+    assert ran == ["after"]
+
+
 def test_shutdown_from_a_worker_does_not_join_itself() -> None:
     pool = DaemonThreadExecutor(1)
     assert pool.submit(pool.shutdown).result(timeout=10 * UNIT) is None
