@@ -3,8 +3,8 @@
 Owns what the ``executor=`` mode needs beyond a plain ``submit``: choosing a
 dispatcher for the executor given, getting the server object to each worker
 process once (not with every request), replacing a process pool that a dying
-worker broke, and the Dask specifics (no merging of identical requests, a
-lost scheduler, :func:`dask_executor`). Knows nothing of sockets, the I/O loop
+worker broke, and :func:`dask_executor` (the Dask dispatcher itself is
+:mod:`mpreqrep._dask`). Knows nothing of sockets, the I/O loop
 or the server class. Its imports are stdlib-only; ``loky`` and
 ``distributed`` are imported only when an executor of theirs is in use.
 
@@ -23,14 +23,13 @@ before the first copy did; then none until it restarts::
                                │    └─(token, server, text)──▶ worker: cache, handle
                                └──────────── reply text or exception ◀──┘
 
-The same mechanism serves loky, the stdlib process pool and Dask; it needs
-nothing from the engine but running a function, so new or restarted workers,
-a rescheduled task and a reconnected scheduler all just cost one more miss.
-A Dask worker plugin or ``client.scatter(server, broadcast=True)`` would work
-on Dask only and would have to be undone when the server stops. Each process
-keeps the servers of its last :data:`MAX_CACHED_SERVERS` tokens. What it saves
-grows with the server: for one carrying 1 MiB, ~3.8 ms per request on loky
-and ~4 ms on Dask (``scripts/bench_executors.py``, two cores).
+The same mechanism serves loky and the stdlib process pool; it needs nothing
+from the engine but running a function, so new or restarted workers just cost
+one more miss. Each process keeps the servers of its last
+:data:`MAX_CACHED_SERVERS` tokens. Dask does not use it: its scheduler places
+the resent request on whichever worker is free, often one that already holds
+a copy, so a worker could miss again and again (:mod:`mpreqrep._dask` sends
+the server through a worker plugin instead, once per worker).
 
 Crashes. A loky or stdlib pool whose worker dies is broken for good and fails
 every request it holds (``BrokenExecutor``). The dispatcher then replaces it
@@ -344,79 +343,6 @@ class RemoteDispatcher(Dispatcher):
             raise BrokenExecutor(f"the {kind} is broken and its replacement failed") from exc
 
 
-class DaskDispatcher(RemoteDispatcher):
-    """A :class:`RemoteDispatcher` for Dask: never merges requests, fails fast offline.
-
-    Dask's executor submits with ``pure=True`` by default, and a pure task
-    with the same arguments as one in flight is merged with it; every request
-    is submitted with ``pure=False`` instead, so identical requests each run.
-    While the client has no scheduler, submitting raises at once instead of
-    queueing the request until the scheduler is back. A request that fails
-    with ``KilledWorker`` (workers died while it was assigned to them) is
-    retried once, alone, as a crash in a process pool is; the pool itself
-    needs no replacing. Requests go through the client, with the executor's
-    options, not through the executor (see :func:`_submit_to_dask`).
-
-    Args:
-        executor: a Dask ``ClientExecutor`` or a :class:`DaskExecutor`.
-        server: the server object whose copies the workers run.
-        client: the ``distributed.Client`` behind ``executor``.
-    """
-
-    def __init__(self, executor: Executor, server: Handler, *, client: Any) -> None:
-        from distributed import KilledWorker
-
-        super().__init__(executor, server, replace=None)
-        self._client = client
-        self._killed_worker: type[Exception] = KilledWorker
-
-    def _is_worker_death(self, error: BaseException) -> bool:
-        """``KilledWorker``: Dask gave up after workers died running the request."""
-        return isinstance(error, self._killed_worker)
-
-    def _submit_call(
-        self, executor: Executor, token: str, server: Handler | None, request: str
-    ) -> Future[Any]:
-        """Submit as an impure task, or raise if the scheduler is unreachable."""
-        status = self._client.status
-        if status != "running":
-            raise ConnectionError(f"the Dask client is {status!r}: no scheduler to submit to")
-        inner = getattr(executor, "_executor", executor)  # a DaskExecutor's ClientExecutor
-        options = {**getattr(inner, "_kwargs", {}), "pure": False}  # get_executor(**options)
-        return _submit_to_dask(self._client, (run_cached, token, server, request), options)
-
-
-def _submit_to_dask(client: Any, call: tuple[Any, ...], options: dict[str, Any]) -> Future[Any]:
-    """``client.submit(*call, **options)`` as a concurrent future, cancellable both ways.
-
-    Not through Dask's ``ClientExecutor``: its future stays pending for ever
-    when fetching a finished result fails (the worker holding it died and the
-    recomputation was killed too; distributed 2026.8 raises ``KilledWorker``
-    there instead of passing it on). Here any error fails the future.
-    """
-    task = client.submit(*call, **options)
-    attempt: Future[Any] = Future()
-
-    def cancel_task(done: Future[Any]) -> None:
-        if done.cancelled():
-            task.cancel()
-
-    def settle(finished: Any) -> None:  # on a thread of the Dask client
-        if finished.status == "cancelled":  # e.g. the scheduler went away
-            attempt.cancel()
-            return
-        if not attempt.set_running_or_notify_cancel():
-            return  # cancelled meanwhile
-        try:
-            attempt.set_result(finished.result())
-        except BaseException as exc:
-            attempt.set_exception(exc)
-
-    attempt.add_done_callback(cancel_task)
-    task.add_done_callback(settle)
-    return attempt
-
-
 def _cancel_attempt(call: _Call, reply: Future[str]) -> None:
     """Pass the I/O loop's cancellation (a request timeout) on to the attempt."""
     if reply.cancelled() and call.attempt is not None:
@@ -436,12 +362,14 @@ def executor_dispatcher(executor: Executor, server: Handler) -> Dispatcher:
     Returns:
         A thread pool gets the server itself through an
         :class:`~mpreqrep._dispatch.ExecutorDispatcher`; a Dask executor a
-        :class:`DaskDispatcher`; any other a :class:`RemoteDispatcher`.
+        :class:`~mpreqrep._dask.DaskDispatcher`; any other a :class:`RemoteDispatcher`.
     """
     if isinstance(executor, ThreadPoolExecutor):
         return ExecutorDispatcher(executor, server, owned=False)
     client = _dask_client(executor)
     if client is not None:
+        from ._dask import DaskDispatcher
+
         return DaskDispatcher(executor, server, client=client)
     return RemoteDispatcher(executor, server, replace=_replacer_for(executor))
 

@@ -50,3 +50,18 @@ class ProbeServer(mpreqrep.RequestServer):
         if command == "crash":
             os._exit(3)
         return "echo:" + request
+
+
+def copies_on_this_dask_worker(dask_worker: Any) -> list[str]:
+    """``client.run`` this: the ``copies`` reply of each server copy this worker holds."""
+    from mpreqrep._dask_worker import ServerPlugin
+
+    plugins = dask_worker.plugins.values()
+    return [p.server.handle_request("copies") for p in plugins if isinstance(p, ServerPlugin)]
+
+
+class UncopyableServer(mpreqrep.RequestServer):
+    """A server whose copies cannot be made: unpickling one raises."""
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        raise RuntimeError("this server cannot be copied")

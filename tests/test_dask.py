@@ -8,6 +8,7 @@ as the README recommends; Dask's default is 3), which keeps the crash test short
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -22,20 +23,21 @@ import distributed
 import pytest
 
 import mpreqrep
-from mpreqrep import _remote
-from mpreqrep._remote import dask_executor, run_cached
+from mpreqrep import _dask
+from mpreqrep._dask_worker import run_on_worker
+from mpreqrep._remote import dask_executor
 from workers.echo import EchoServer
 from workers.primes import PrimeServer
 
 from .conftest import UNIT, running, wait_until
-from .executor_handlers import ProbeServer
+from .executor_handlers import ProbeServer, UncopyableServer, copies_on_this_dask_worker
 from .test_executors import (
     ECHOES,
     PRIME_LIMITS,
     ask,
     ask_all,
+    ask_from_clients,
     check_crash_costs_only_its_own_request,
-    check_server_reaches_each_worker_once,
     thread_mode_replies,
 )
 
@@ -90,12 +92,96 @@ def test_identical_requests_each_run_although_dask_would_merge_them(
         assert ask(server.address, "warm") == "echo:warm\r\n"
         first, second = ask_all(server.address, ["unique 0.3", "unique 0.3"])
     assert first and second and first != second
-    merged = [client.submit(run_cached, "t", None, "x", pure=True) for _ in range(2)]
+    merged = [client.submit(run_on_worker, "name", "x", pure=True) for _ in range(2)]
     assert merged[0].key == merged[1].key  # what pure=True would have done to them
 
 
-def test_workers_get_the_server_once_then_only_requests(executor: Executor) -> None:
-    check_server_reaches_each_worker_once(executor, steady_requests=10)
+def copies_per_worker(server: mpreqrep.RequestServer, dask_client: Any) -> dict[str, int]:
+    """The copies each worker reported, once every connected worker has reported."""
+    workers = set(dask_client.scheduler_info()["workers"])
+    assert wait_until(lambda: workers <= set(server.stats()["server_copies_per_worker"]), 10 * UNIT)
+    copies: dict[str, int] = server.stats()["server_copies_per_worker"]
+    return copies
+
+
+def check_each_worker_holds_one_copy(dask_client: Any) -> None:
+    """Every connected worker unpickled exactly one copy of the server."""
+    held = dask_client.run(copies_on_this_dask_worker)
+    assert [len(replies) for replies in held.values()] == [1] * len(held)
+    assert {replies[0].split()[1] for replies in held.values()} == {"1"}
+
+
+def test_workers_get_the_server_once_then_only_requests(executor: Executor, client: Any) -> None:
+    with running(ProbeServer, executor=executor) as server:
+        workers = set(client.scheduler_info()["workers"])
+        assert copies_per_worker(server, client) == dict.fromkeys(workers, 1)
+        replies = ask_from_clients(server.address, "copies", rounds=4)
+        assert copies_per_worker(server, client) == dict.fromkeys(workers, 1)
+        assert server.stats()["server_copies_sent"] == len(workers)
+        check_each_worker_holds_one_copy(client)
+    assert {reply.split()[1] for reply in replies} == {"1"}
+    assert client.run(copies_on_this_dask_worker) == {worker: [] for worker in workers}
+
+
+def test_a_restarted_and_a_joining_worker_each_get_exactly_one_copy() -> None:
+    with (
+        distributed.LocalCluster(n_workers=2, **CLUSTER_OPTIONS) as own_cluster,
+        distributed.Client(own_cluster, set_as_default=False) as own_client,
+        running(ProbeServer, executor=own_client.get_executor()) as server,
+    ):
+        first = set(copies_per_worker(server, own_client))
+        own_client.restart_workers([sorted(first)[0]])
+        own_cluster.scale(3)
+        own_client.wait_for_workers(3, timeout=30 * UNIT)
+        now = set(own_client.scheduler_info()["workers"])
+        copies = copies_per_worker(server, own_client)
+        assert copies == dict.fromkeys(first | now, 1) and len(copies) == 4
+        replies = ask_from_clients(server.address, "copies", rounds=2)
+        assert server.stats()["server_copies_per_worker"] == copies
+        check_each_worker_holds_one_copy(own_client)
+    assert {reply.split()[1] for reply in replies} == {"1"}
+
+
+@pytest.fixture(scope="module")
+def threads_client() -> Iterator[Any]:
+    """A client of a cluster whose two workers run in this process (measured by coverage)."""
+    options = {**CLUSTER_OPTIONS, "processes": False}
+    del options["host"]  # in-process workers talk over inproc://, not TCP
+    with (
+        distributed.LocalCluster(n_workers=2, **options) as local_cluster,
+        distributed.Client(local_cluster, set_as_default=False) as dask_client,
+    ):
+        yield dask_client
+
+
+def test_workers_in_this_process_each_set_a_copy_up(threads_client: Any) -> None:
+    with running(ProbeServer, executor=threads_client.get_executor()) as server:
+        assert ask(server.address, "pid") == f"{os.getpid()}\r\n"
+        assert copies_per_worker(server, threads_client) == dict.fromkeys(
+            threads_client.scheduler_info()["workers"], 1
+        )
+
+
+def test_a_server_the_workers_cannot_copy_fails_to_start_and_is_withdrawn(
+    threads_client: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = UncopyableServer("127.0.0.1:0", executor=threads_client.get_executor())
+    with pytest.raises(Exception, match="this server cannot be copied"):
+        server.start()
+    assert set(threads_client.run(plugin_names).values()) == {()}
+    assert "could not withdraw the server" in caplog.text  # no worker had it
+
+
+def plugin_names(dask_worker: Any) -> tuple[str, ...]:
+    return tuple(name for name in dask_worker.plugins if name.startswith("mpreqrep"))
+
+
+def test_a_task_for_a_server_no_longer_served_fails_with_lookuperror(
+    threads_client: Any,
+) -> None:
+    task = threads_client.submit(run_on_worker, "mpreqrep-server-gone", "x", pure=False)
+    with pytest.raises(LookupError, match="holds no server"):
+        task.result(timeout=30 * UNIT)
 
 
 def test_remote_exception_logs_a_traceback_and_closes_without_reply(
@@ -223,24 +309,24 @@ def test_a_result_that_cannot_be_fetched_fails_the_attempt_instead_of_hanging() 
     """distributed 2026.8's ClientExecutor left such a future pending for ever."""
     lost = FakeTask("finished", distributed.KilledWorker("task", None, 1))
     client = FakeClient(lost)
-    attempt = _remote._submit_to_dask(client, (len, "x"), {"pure": False})
+    attempt = _dask._submit_to_dask(client, (len, "x"), {"pure": False})
     assert client.submitted == [((len, "x"), {"pure": False})]
     (settle,) = lost.callbacks
     settle(lost)
     assert isinstance(attempt.exception(timeout=0), distributed.KilledWorker)
 
     finished = FakeTask("finished")
-    attempt = _remote._submit_to_dask(FakeClient(finished), (len,), {})
+    attempt = _dask._submit_to_dask(FakeClient(finished), (len,), {})
     finished.callbacks[0](finished)
     assert attempt.result(timeout=0) == "reply"
 
 
 def test_cancelling_passes_both_ways_between_the_attempt_and_the_dask_task() -> None:
     task = FakeTask("pending")
-    attempt = _remote._submit_to_dask(FakeClient(task), (len,), {})
+    attempt = _dask._submit_to_dask(FakeClient(task), (len,), {})
     assert attempt.cancel() and task.cancelled
     task.callbacks[0](task)  # the task ends later: nothing more happens
     dropped = FakeTask("cancelled")
-    attempt = _remote._submit_to_dask(FakeClient(dropped), (len,), {})
+    attempt = _dask._submit_to_dask(FakeClient(dropped), (len,), {})
     dropped.callbacks[0](dropped)
     assert attempt.cancelled()

@@ -81,6 +81,15 @@ def warm_up(address: str, workers: int = 2) -> list[str | None]:
     return replies
 
 
+def ask_from_clients(address: str, request: str, *, rounds: int, clients: int = 8) -> list[str]:
+    """Send ``request`` from ``clients`` concurrent clients, ``rounds`` times; all replies."""
+    replies: list[str | None] = []
+    for _ in range(rounds):
+        replies += ask_all(address, [request] * clients)
+    assert None not in replies and "" not in replies
+    return [reply for reply in replies if reply]
+
+
 def thread_mode_replies(server_class: type[mpreqrep.RequestServer], texts: list[str]) -> list[Any]:
     with running(server_class) as server:
         return [ask(server.address, text) for text in texts]
