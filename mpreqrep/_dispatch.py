@@ -57,18 +57,19 @@ def run_handler(handler: Handler, request: str) -> str:
         request: the request text, trailing CRLF included.
 
     Returns:
-        The reply text.
+        The reply text, as an exact ``str``: a subclass's own methods must
+        not run on the I/O thread, which encodes the reply.
 
     Raises:
         HandlerReturnTypeError: the handler returned something else.
-        Exception: whatever the handler raised.
+        BaseException: whatever the handler raised.
     """
     reply = handler.handle_request(request)
     if not isinstance(reply, str):
         raise HandlerReturnTypeError(
             f"handle_request() should return a str, not {type(reply).__name__}"
         )
-    return reply
+    return str.__str__(reply)  # the reply itself if exact, else a plain copy
 
 
 class Dispatcher(abc.ABC):
@@ -120,7 +121,7 @@ class InlineDispatcher(Dispatcher):
         future: Future[str] = Future()
         try:
             future.set_result(run_handler(self._handler, request))
-        except Exception as exc:
+        except BaseException as exc:  # SystemExit too: the I/O loop logs it as a failure
             future.set_exception(exc)
         return future
 

@@ -30,6 +30,7 @@ import errno
 import logging
 import selectors
 import socket
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -51,6 +52,7 @@ RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.EN
 # (one segment, not two: about 5 µs less server CPU per request over loopback).
 SEND_FLAGS = getattr(socket, "MSG_MORE", 0)
 DEFER_ACCEPT_S = 1
+LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a reset
 
 READING, WAITING, WRITING, CLOSED = "reading", "waiting", "writing", "closed"
 
@@ -63,6 +65,7 @@ class _Connection:
         "deadlines",
         "events",
         "future",
+        "held",
         "outgoing",
         "peer",
         "phase",
@@ -80,6 +83,7 @@ class _Connection:
         self.deadlines: _Deadlines | None = None
         self.future: Future[str] | None = None
         self.outgoing: bytes | memoryview = b""
+        self.held = 0  # request or reply bytes buffered for this connection
 
 
 class _Deadlines:
@@ -137,6 +141,31 @@ def _defer_accept(listener: socket.socket) -> None:
         listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, DEFER_ACCEPT_S)
 
 
+def _is_interrupt(exc: BaseException) -> bool:
+    """Whether ``exc`` is Ctrl-C on the main thread, which must end serving, not a step."""
+    return (
+        isinstance(exc, KeyboardInterrupt) and threading.current_thread() is threading.main_thread()
+    )
+
+
+def _close_socket(sock: socket.socket, *, reset: bool) -> None:
+    """SHUT_WR then close; never raises ``OSError``.
+
+    With ``reset``, the close sends a reset instead (``SO_LINGER`` 0): for a
+    reply cut short, so the client cannot take the part it got for all of it.
+    """
+    try:
+        if reset:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
+        else:
+            sock.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass  # the peer is gone already: nothing left to flush
+    finally:
+        with contextlib.suppress(OSError):  # the descriptor is released even then
+            sock.close()
+
+
 class IOLoop:
     """Accepts connections and moves each through read → submit → reply → close.
 
@@ -150,6 +179,9 @@ class IOLoop:
         max_request_size: bytes a request may reach without a CRLF.
         max_pending: requests submitted and not yet answered past which no
             new connection is accepted; ``None`` for no limit.
+        max_buffered_bytes: request and reply bytes buffered for connections
+            past which no new connection is accepted (the replies of requests
+            already accepted still go out); ``None`` for no limit.
         on_accept: called with the peer address of each accepted connection.
 
     Thread safety: :meth:`serve` runs in one thread; :meth:`request_stop` and
@@ -165,6 +197,7 @@ class IOLoop:
         request_timeout_s: float | None,
         max_request_size: int,
         max_pending: int | None,
+        max_buffered_bytes: int | None = None,
         on_accept: Callable[[object], None] | None = None,
     ) -> None:
         self.stats = ServerStats()
@@ -172,6 +205,8 @@ class IOLoop:
         self._dispatcher = dispatcher
         self._max_request_size = max_request_size
         self._max_pending = max_pending
+        self._max_buffered_bytes = max_buffered_bytes
+        self._held_bytes = 0
         self._on_accept = on_accept
         self._selector = selectors.DefaultSelector()
         self._wake_reader, self._wake_writer = socket.socketpair()
@@ -222,6 +257,11 @@ class IOLoop:
         with contextlib.suppress(KeyError, ValueError, RuntimeError):
             self._selector.unregister(fileobj)
 
+    def close(self) -> None:
+        """Release every socket of a loop that will not serve (after a failed
+        start); :meth:`serve` does this itself when it ends."""
+        self._close_everything()
+
     def counts(self) -> tuple[int, int, int]:
         """Requests in flight, requests queued for room, connections still reading."""
         in_flight, queued = len(self._in_flight), len(self._queued)
@@ -248,17 +288,39 @@ class IOLoop:
 
     def _handle_event(self, target: _Connection | Callable[[], None]) -> None:
         """Run the step a ready socket is waiting for."""
-        if not isinstance(target, _Connection):
-            target()
+        if isinstance(target, _Connection):
+            self._guarded(target, self._read if target.phase == READING else self._write)
             return
         try:
-            if target.phase == READING:
-                self._read(target)
-            else:
-                self._write(target)
-        except Exception:
-            logger.exception("unexpected error on connection from %s", target.peer)
-            self._close(target)
+            target()
+        except BaseException as exc:
+            if _is_interrupt(exc):
+                raise
+            logger.exception("a reader callback on the I/O loop failed")
+
+    def _guarded(self, conn: _Connection, step: Callable[..., None], *args: Any) -> None:
+        """The one guard of every per-connection step (read, dispatch, reply, write,
+        close): whatever the step raises, ``BaseException`` included, costs only
+        this connection. It is logged with its traceback, counted as failed, and
+        the connection closes without a reply (a reset if part of one was sent).
+
+        A ``KeyboardInterrupt`` on the main thread is Ctrl-C, not a step's
+        fault: it propagates. (A handler's own exceptions never propagate on
+        this thread: they reach the loop inside its future.)
+        """
+        try:
+            step(conn, *args)
+        except BaseException as exc:
+            if _is_interrupt(exc):
+                raise
+            self.stats.failed += 1
+            logger.error(
+                "error serving the connection from %s; closing it without a reply",
+                conn.peer,
+                exc_info=exc,
+            )
+            if conn.phase != CLOSED:
+                self._close(conn)
 
     def _select_timeout(self) -> float | None:
         """Seconds until the next deadline (or accept back-off), ``None`` if none."""
@@ -279,7 +341,7 @@ class IOLoop:
             return
         if self._accept_paused_until and time.monotonic() >= self._accept_paused_until:
             self._accept_paused_until = 0.0
-        should_accept = self._has_room(len(self._queued)) and not self._accept_paused_until
+        should_accept = self._can_accept() and not self._accept_paused_until
         if should_accept != self._accepting:
             if should_accept:
                 self._selector.register(self._listener, selectors.EVENT_READ, self._accept_batch)
@@ -298,12 +360,24 @@ class IOLoop:
                 self._on_accept_error(exc)
                 return
             self._open(sock, peer)
-            if not self._has_room(len(self._queued)):
+            if not self._can_accept():
                 return
+
+    def _can_accept(self) -> bool:
+        """Whether one more connection fits: under ``max_pending`` with the
+        queued requests counted, and under the buffer bound."""
+        return self._has_room(len(self._queued)) and (
+            self._max_buffered_bytes is None or self._held_bytes < self._max_buffered_bytes
+        )
 
     def _has_room(self, extra: int = 0) -> bool:
         """Whether ``extra`` more requests fit under ``max_pending``."""
         return self._max_pending is None or len(self._in_flight) + extra < self._max_pending
+
+    def _hold(self, conn: _Connection, size: int) -> None:
+        """Record that ``size`` bytes are buffered for ``conn`` now."""
+        self._held_bytes += size - conn.held
+        conn.held = size
 
     def _on_accept_error(self, exc: OSError) -> None:
         """Back off on resource exhaustion; ignore a peer that gave up (ECONNABORTED)."""
@@ -314,21 +388,24 @@ class IOLoop:
             logger.debug("accept failed: %s", exc)
 
     def _open(self, sock: socket.socket, peer: object) -> None:
-        """Start the exchange on a new connection, reading at once if data is there.
-
-        The read deadline, counted from now, is only set if the request is
-        not complete after that first read (usually it is, and then a reply
-        is already on its way).
-        """
-        sock.setblocking(False)
-        now = time.monotonic()
-        conn = _Connection(sock, peer, LineReceiver(self._max_request_size), now)
+        """Take a new connection into the loop and start its exchange."""
+        conn = _Connection(sock, peer, LineReceiver(self._max_request_size), time.monotonic())
         self._connections.add(conn)
+        self._guarded(conn, self._start)
+
+    def _start(self, conn: _Connection) -> None:
+        """Announce the connection, then read at once if data is there.
+
+        The read deadline, counted from the accept, is only set if the
+        request is not complete after that first read (usually it is, and
+        then a reply is already on its way).
+        """
+        conn.sock.setblocking(False)
         if self._on_accept is not None:
-            self._on_accept(peer)
-        self._handle_event(conn)
+            self._on_accept(conn.peer)
+        self._read(conn)
         if conn.phase == READING:
-            self._read_deadlines.schedule(conn, now)
+            self._read_deadlines.schedule(conn, conn.accepted_at)
 
     # -- reading ------------------------------------------------------------------------
 
@@ -351,6 +428,7 @@ class IOLoop:
             self._drop(conn, f"request too large ({exc})")
             return
         if request is None:
+            self._hold(conn, conn.receiver.buffered_size)
             self._watch(conn, selectors.EVENT_READ)
         else:
             self._submit(conn, request)
@@ -368,6 +446,7 @@ class IOLoop:
         """Start the request's wait: dispatch it now, or queue it while the
         dispatcher holds ``max_pending`` requests."""
         self._unwatch(conn)
+        self._hold(conn, 0)
         conn.phase = WAITING
         self._request_deadlines.schedule(conn, time.monotonic())
         if self._queued or not self._has_room():
@@ -380,17 +459,11 @@ class IOLoop:
         while self._queued and self._has_room():
             conn, request = self._queued.popleft()
             if conn.phase == WAITING:
-                self._dispatch(conn, request)
+                self._guarded(conn, self._dispatch, request)
 
     def _dispatch(self, conn: _Connection, request: str) -> None:
         """Hand the request to the dispatcher; reply now if it is already done."""
-        try:
-            future = self._dispatcher.submit(request)
-        except Exception:
-            logger.exception("could not submit the request from %s", conn.peer)
-            self.stats.failed += 1
-            self._close(conn)
-            return
+        future = self._dispatcher.submit(request)
         if future.done():
             self._reply(conn, future)
             return
@@ -416,25 +489,37 @@ class IOLoop:
         while completed:
             conn = self._in_flight.pop(completed.popleft(), None)
             if conn is not None:
-                self._reply(conn, conn.future)  # type: ignore[arg-type]
+                self._guarded(conn, self._reply, conn.future)
         self._dispatch_queued()
 
     # -- replying -----------------------------------------------------------------------
 
     def _reply(self, conn: _Connection, future: Future[str]) -> None:
-        """Start writing the reply, or close with none if the handler failed
-        (or its future was cancelled, say by an executor shut down under it)."""
+        """Start writing the reply, or close with none if the handler failed:
+        it raised (anything, ``BaseException`` included), its reply cannot be
+        encoded (a lone surrogate, say), or its future was cancelled (say by
+        an executor shut down under it)."""
         try:
-            exc = future.exception()
+            exc = future.exception()  # never future.result(): it would raise here
         except CancelledError as cancelled:
             exc = cancelled
-        if exc is not None:
-            self._fail(conn, exc)
-            return
+        if exc is None:
+            try:
+                outgoing = encode_message(future.result())
+            except UnicodeEncodeError as unencodable:
+                exc = unencodable
+            else:
+                self._start_writing(conn, outgoing)
+                return
+        self._fail(conn, exc)
+
+    def _start_writing(self, conn: _Connection, outgoing: bytes) -> None:
+        """Leave the wait and send the first part of the reply."""
         self._forget_deadline(conn)
         conn.phase = WRITING
         conn.future = None
-        conn.outgoing = encode_message(future.result())
+        conn.outgoing = outgoing
+        self._hold(conn, len(outgoing))
         self._write(conn)
 
     def _fail(self, conn: _Connection, exc: BaseException) -> None:
@@ -448,7 +533,13 @@ class IOLoop:
         self._close(conn)
 
     def _write(self, conn: _Connection) -> None:
-        """Send what the socket takes; close once the whole reply is out."""
+        """Send what the socket takes; close once the whole reply is out.
+
+        The write deadline measures progress: it starts again whenever bytes
+        leave, so a client that reads steadily gets the whole reply however
+        long that takes, and one that stops reading is dropped after the
+        read timeout (with a reset, see :meth:`_close`).
+        """
         try:
             sent = conn.sock.send(conn.outgoing, SEND_FLAGS)
         except BlockingIOError:
@@ -458,10 +549,12 @@ class IOLoop:
             return
         if sent < len(conn.outgoing):
             conn.outgoing = memoryview(conn.outgoing)[sent:]
-            if conn.events != selectors.EVENT_WRITE:
+            self._hold(conn, len(conn.outgoing))
+            if sent or conn.events != selectors.EVENT_WRITE:
                 self._write_deadlines.schedule(conn, time.monotonic())
             self._watch(conn, selectors.EVENT_WRITE)
             return
+        conn.outgoing = b""
         self.stats.record_served(time.monotonic() - conn.accepted_at)
         self._close(conn)
 
@@ -470,11 +563,11 @@ class IOLoop:
     def _expire_deadlines(self, now: float) -> None:
         """Drop the connections whose current phase ran out of time."""
         for conn in self._read_deadlines.pop_expired(now):
-            self._drop(conn, "read timeout")
+            self._guarded(conn, self._drop, "read timeout")
         for conn in self._write_deadlines.pop_expired(now):
-            self._drop(conn, "write timeout")
+            self._guarded(conn, self._drop, "no write progress within the read timeout")
         for conn in self._request_deadlines.pop_expired(now):
-            self._time_out_request(conn)
+            self._guarded(conn, self._time_out_request)
 
     @staticmethod
     def _forget_deadline(conn: _Connection) -> None:
@@ -517,17 +610,17 @@ class IOLoop:
         self._close(conn)
 
     def _close(self, conn: _Connection) -> None:
-        """The one place a connection ends: SHUT_WR, then close, whatever happens."""
-        self._unwatch(conn)
-        self._forget_deadline(conn)
+        """The one place a connection ends: the bookkeeping first (it cannot
+        fail), then SHUT_WR and close, or a reset if the reply was cut short."""
+        cut_short = conn.phase == WRITING and len(conn.outgoing) > 0
         conn.phase = CLOSED
         self._connections.discard(conn)
+        self._forget_deadline(conn)
+        self._hold(conn, 0)
         try:
-            conn.sock.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass  # the peer is gone already: nothing left to flush
+            self._unwatch(conn)
         finally:
-            conn.sock.close()
+            _close_socket(conn.sock, reset=cut_short)
 
     def _close_listener(self) -> None:
         """Stop listening for good."""
@@ -542,7 +635,7 @@ class IOLoop:
             self._calls_open = False  # from now on, callers run their callbacks themselves
         self._run_calls()
         for conn in list(self._connections):
-            self._close(conn)
+            self._guarded(conn, self._close)
         self._close_listener()
         self._selector.close()
         self._wake_reader.close()
@@ -569,5 +662,7 @@ class IOLoop:
         while calls:
             try:
                 calls.popleft()()
-            except Exception:
+            except BaseException as exc:
+                if _is_interrupt(exc):
+                    raise
                 logger.exception("a callback queued on the I/O loop failed")

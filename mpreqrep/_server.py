@@ -13,12 +13,15 @@ set in ``__init__`` travels, the thread state, sockets and executor do not
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
 import socket
 import threading
+from collections.abc import Iterator
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from types import TracebackType
+from types import FrameType, TracebackType
 from typing import Any
 
 from ._address import split_address
@@ -30,6 +33,7 @@ logger = logging.getLogger("mpreqrep")
 DEFAULT_MAX_REQUEST_SIZE = 1_048_576
 DEFAULT_READ_TIMEOUT_S = 10.0
 DEFAULT_MAX_PENDING = 1024
+DEFAULT_MAX_BUFFERED_BYTES = 64 * 1024 * 1024
 DEFAULT_MAX_THREADS = 64
 DEFAULT_BACKLOG = 1024
 
@@ -47,6 +51,7 @@ class _Options:
     max_request_size: int
     read_timeout_s: float
     max_pending: int | None
+    max_buffered_bytes: int | None
     max_worker_memory: int | None
     max_threads: int
 
@@ -60,6 +65,8 @@ class _Runtime:
         self.loop: IOLoop | None = None
         self.dispatcher: Dispatcher | None = None
         self.stop_requested = False
+        self.claimed = False  # start() or run() was called: a server serves once
+        self.claim_lock = threading.Lock()
 
 
 class RequestServer(threading.Thread):
@@ -84,6 +91,9 @@ class RequestServer(threading.Thread):
         max_request_size: bytes a request may reach without a CRLF.
         read_timeout: seconds a client may take to send its request.
         max_pending: requests in flight past which accepting pauses.
+        max_buffered_bytes: request and reply bytes buffered for clients
+            (say, replies to clients that read slowly or not at all) past
+            which accepting pauses; ``None`` for no bound.
         max_worker_memory: process mode: bytes of RSS past which a worker is
             recycled between requests.
         max_threads: ``async_val=True``: size of the handler thread pool.
@@ -93,6 +103,10 @@ class RequestServer(threading.Thread):
         ValueError: a malformed address, a protocol other than tcp, both
             ``workers`` and ``executor``, or a bad option value.
         OSError: the address cannot be bound (e.g. the port is taken).
+
+    Life cycle: as a ``threading.Thread``, a server serves once: a second
+    :meth:`start` or :meth:`run` raises ``RuntimeError``. :meth:`stop`
+    before serving makes serving end at once.
 
     Thread safety: :meth:`stop` and :meth:`stats` may be called from any
     thread. ``handle_request`` calls never overlap in sync thread mode; in
@@ -111,6 +125,7 @@ class RequestServer(threading.Thread):
         max_request_size: int = DEFAULT_MAX_REQUEST_SIZE,
         read_timeout: float = DEFAULT_READ_TIMEOUT_S,
         max_pending: int | None = DEFAULT_MAX_PENDING,
+        max_buffered_bytes: int | None = DEFAULT_MAX_BUFFERED_BYTES,
         max_worker_memory: int | None = None,
         max_threads: int = DEFAULT_MAX_THREADS,
         backlog: int = DEFAULT_BACKLOG,
@@ -126,6 +141,7 @@ class RequestServer(threading.Thread):
             max_request_size=max_request_size,
             read_timeout_s=read_timeout,
             max_pending=max_pending,
+            max_buffered_bytes=max_buffered_bytes,
             max_worker_memory=max_worker_memory,
             max_threads=max_threads,
         )
@@ -159,21 +175,39 @@ class RequestServer(threading.Thread):
         """Prepare the dispatcher (warm the pool) here, then serve in a thread.
 
         Raises:
+            RuntimeError: the server was started or run before; raised
+                before anything is touched.
             Exception: whatever preparing the dispatcher raised (e.g. the
-                server cannot be pickled for process workers).
+                server cannot be pickled for process workers). The listener
+                is closed then, so clients get ``NoServerError`` at once.
         """
-        self._prepare()
-        super().start()
+        runtime = self._claim("start")
+        with _released_on_failure(runtime):
+            self._prepare(runtime)
+            super().start()
 
     def run(self) -> None:
-        """Serve in the calling thread until :meth:`stop`, then drain and clean up."""
+        """Serve in the calling thread until :meth:`stop`, then drain and clean up.
+
+        In the main thread, with Python's default SIGINT handler in place,
+        Ctrl-C stops the server as :meth:`stop` does (the requests in flight
+        are answered); a second Ctrl-C raises ``KeyboardInterrupt`` as usual.
+
+        Raises:
+            RuntimeError: called directly on a server that was started or
+                run before.
+            Exception: as :meth:`start`.
+        """
         runtime = self._require_runtime()
-        if runtime.loop is None:
-            self._prepare()
+        if threading.current_thread() is not self:  # called directly, not through start()
+            self._claim("run")
+            with _released_on_failure(runtime):
+                self._prepare(runtime)
         assert runtime.loop is not None and runtime.dispatcher is not None
         logger.info("serving at %s", self.address)
         try:
-            runtime.loop.serve()
+            with self._ctrl_c_stops():
+                runtime.loop.serve()
         finally:
             runtime.dispatcher.shutdown()
             logger.info("stopped serving at %s", self.address)
@@ -233,9 +267,19 @@ class RequestServer(threading.Thread):
             raise RuntimeError("this is a worker's copy of the server; it cannot serve")
         return self._runtime
 
-    def _prepare(self) -> None:
-        """Build and start the dispatcher, then the I/O loop that feeds it."""
+    def _claim(self, method: str) -> _Runtime:
+        """Mark the server as serving, or raise if it served before (any thread)."""
         runtime = self._require_runtime()
+        with runtime.claim_lock:
+            if runtime.claimed:
+                raise RuntimeError(
+                    f"{method}(): a server serves only once, and this one was started before"
+                )
+            runtime.claimed = True
+        return runtime
+
+    def _prepare(self, runtime: _Runtime) -> None:
+        """Build and start the dispatcher, then the I/O loop that feeds it."""
         options = self._options
         dispatcher = _make_dispatcher(self, options, runtime.executor)
         dispatcher.start()
@@ -247,10 +291,50 @@ class RequestServer(threading.Thread):
             request_timeout_s=None if dispatcher.times_requests_out else options.request_timeout_s,
             max_request_size=options.max_request_size,
             max_pending=options.max_pending,
+            max_buffered_bytes=options.max_buffered_bytes,
             on_accept=_print_accept if options.verbose else None,
         )
         if runtime.stop_requested:
             runtime.loop.request_stop()
+
+    @contextlib.contextmanager
+    def _ctrl_c_stops(self) -> Iterator[None]:
+        """Make the first Ctrl-C call :meth:`stop`, in the main thread with the
+        default SIGINT handler in place (anywhere else, change nothing)."""
+        if (
+            threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+        ):
+            yield
+            return
+
+        def stop_on_sigint(signum: int, frame: FrameType | None) -> None:
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # the next one interrupts
+            logger.info("Ctrl-C: stopping after the requests in flight (again to interrupt)")
+            self.stop()
+
+        signal.signal(signal.SIGINT, stop_on_sigint)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+@contextlib.contextmanager
+def _released_on_failure(runtime: _Runtime) -> Iterator[None]:
+    """On a failure to start serving, close the listener (so clients get
+    ``NoServerError`` at once, not a hang in the backlog) and release what
+    was started."""
+    try:
+        yield
+    except BaseException:
+        if runtime.loop is not None:
+            runtime.loop.close()  # the listener too
+        else:
+            runtime.listener.close()
+        if runtime.dispatcher is not None:
+            runtime.dispatcher.shutdown()
+        raise
 
 
 def _pop_async_alias(async_val: bool, kwargs: dict[str, Any]) -> bool:
@@ -266,7 +350,7 @@ def _check_options(options: _Options, executor: Executor | None) -> None:
     """Reject contradictory or out-of-range settings early, with a clear message."""
     if executor is not None and options.workers is not None:
         raise ValueError("give either workers or executor, not both")
-    for name in ("request_timeout_s", "max_worker_memory", "max_pending"):
+    for name in ("request_timeout_s", "max_worker_memory", "max_pending", "max_buffered_bytes"):
         value = getattr(options, name)
         if value is not None and value <= 0:
             raise ValueError(f"{name.removesuffix('_s')} must be positive, not {value!r}")
@@ -324,5 +408,12 @@ def _listen(host: str, port: int, backlog: int) -> socket.socket:
 
 
 def _print_accept(peer: object) -> None:
-    """yoton's ``verbose`` line for an accepted connection (SPEC section 4)."""
-    print("handling request from: " + str(peer))
+    """yoton's ``verbose`` line for an accepted connection (SPEC section 4).
+
+    A closed or broken stdout (a daemon's, or a pipe whose reader left) costs
+    the line, never the connection.
+    """
+    try:
+        print("handling request from: " + str(peer))
+    except (OSError, ValueError) as exc:  # ValueError: I/O operation on closed file
+        logger.debug("could not print the verbose line: %s", exc)

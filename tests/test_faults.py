@@ -7,7 +7,11 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Iterator
+from concurrent.futures import Executor, ThreadPoolExecutor
+from typing import Any
 
+import loky
 import psutil
 import pytest
 
@@ -33,6 +37,81 @@ class Faulty(mpreqrep.RequestServer):
         return "echo:" + request
 
 
+class HostileStr(str):
+    """A reply whose own methods misbehave: none of them may run on the I/O thread."""
+
+    def encode(self, *args: Any, **kwargs: Any) -> bytes:
+        raise SystemExit("encode() of a str subclass ran")
+
+    def endswith(self, *args: Any, **kwargs: Any) -> bool:
+        threading.Event().wait()  # would wedge the I/O thread for good
+        return False
+
+
+class BaseFault(BaseException):
+    """A BaseException of the handler's own."""
+
+
+class Hostile(mpreqrep.RequestServer):
+    """Each request names a fault the handler commits; ``slow`` and others echo."""
+
+    def handle_request(self, request: str) -> str:
+        command = request.strip()
+        if command == "exit":
+            raise SystemExit(3)
+        if command == "interrupt":
+            raise KeyboardInterrupt
+        if command == "base":
+            raise BaseFault("a BaseException subclass")
+        if command == "surrogate":
+            return "name-\udcff"  # what os.fsdecode makes of a non-UTF-8 file name
+        if command == "subclass":
+            return HostileStr("subclass reply")
+        if command == "raise":
+            raise RuntimeError("handler exploded")
+        if command == "bytes":
+            return b"not a str"  # type: ignore[return-value]
+        if command == "slow":
+            time.sleep(0.3 * UNIT)  # the bystander's own work, not a synchronisation
+        return "echo:" + request
+
+
+# Each handler fault: what the client gets (the faulty request counts as failed
+# unless its reply is right).
+HANDLER_FAULTS = {
+    "exit": "",
+    "interrupt": "",
+    "base": "",
+    "surrogate": "",
+    "raise": "",
+    "bytes": "",
+    "subclass": "subclass reply\r\n",
+}
+FAULT_MODES = ["sync", "async", "process", "thread-executor", "loky-executor"]
+
+
+@pytest.fixture
+def hostile_server(request: pytest.FixtureRequest) -> Iterator[mpreqrep.RequestServer]:
+    """A :class:`Hostile` server in the mode the test is parametrized with."""
+    mode = request.param
+    executor: Executor | None = None
+    options: dict[str, Any] = {}
+    if mode == "async":
+        options["async_val"] = True
+    elif mode == "process":
+        options["workers"] = 2
+    elif mode == "thread-executor":
+        executor = ThreadPoolExecutor(max_workers=2)
+    elif mode == "loky-executor":
+        executor = loky.ProcessPoolExecutor(max_workers=2)
+    try:
+        with running(Hostile, executor=executor, **options) as server:
+            yield server
+    finally:
+        if executor is not None:
+            executor.shutdown(wait=True)
+
+
 def raw_exchange(port: int, payload: bytes, *, half_close: bool = True) -> bytes:
     """Send raw bytes and read everything until the server closes."""
     with socket.create_connection(("127.0.0.1", port), timeout=10 * UNIT) as sock:
@@ -40,7 +119,7 @@ def raw_exchange(port: int, payload: bytes, *, half_close: bool = True) -> bytes
             sock.sendall(payload)
             if half_close:
                 sock.shutdown(socket.SHUT_WR)
-        except (BrokenPipeError, ConnectionResetError):
+        except OSError:  # reset already (BrokenPipe, ConnectionReset, or ENOTCONN)
             return b""
         chunks = []
         try:
@@ -193,3 +272,36 @@ def test_a_handlers_own_timeout_error_is_a_failure_with_traceback(
         assert wait_until(lambda: server.stats()["failed"] == 1, 5 * UNIT)
         assert server.stats()["timed_out"] == 0
     assert any(record.exc_info for record in caplog.records)
+
+
+@pytest.mark.parametrize("hostile_server", FAULT_MODES, indirect=True)
+def test_every_handler_fault_costs_only_its_own_connection(
+    hostile_server: mpreqrep.RequestServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """SystemExit, KeyboardInterrupt, a BaseException of its own, an unencodable
+    reply, a str subclass: logged, that client gets "", bystanders in flight
+    keep their replies, and the next request is answered."""
+    server = hostile_server
+    for fault, expected in HANDLER_FAULTS.items():
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10 * UNIT) as reading:
+            reading.sendall(b"half a ")  # a bystander still sending its request
+            slow: list[str | None] = []
+            bystander = threading.Thread(
+                target=lambda replies=slow: replies.append(
+                    mpreqrep.do_request(server.address, "slow", 20 * UNIT)
+                )
+            )
+            bystander.start()
+            with caplog.at_level(logging.ERROR, logger="mpreqrep"):
+                assert mpreqrep.do_request(server.address, fault, 20 * UNIT) == expected, fault
+            reading.sendall(b"request\r\n")
+            reading.shutdown(socket.SHUT_WR)
+            assert reading.recv(100) == b"echo:half a request\r\n"
+            bystander.join(30 * UNIT)
+            assert slow == ["echo:slow\r\n"], fault
+        assert mpreqrep.do_request(server.address, "next", 20 * UNIT) == "echo:next\r\n", fault
+    failed = [fault for fault, expected in HANDLER_FAULTS.items() if not expected]
+    assert wait_until(lambda: server.stats()["failed"] == len(failed), 5 * UNIT)
+    assert server.is_alive()
+    tracebacks = [r for r in caplog.records if r.levelno >= logging.ERROR and r.exc_info]
+    assert len(tracebacks) >= len(failed)

@@ -17,6 +17,7 @@ from mpreqrep._dispatch import Dispatcher
 from mpreqrep._ioloop import IOLoop
 
 from .conftest import UNIT, wait_until
+from .test_faults import raw_exchange
 
 
 class FlakyListener:
@@ -198,7 +199,8 @@ def test_submit_failure_closes_that_connection_only(
     with caplog.at_level(logging.ERROR, logger="mpreqrep"):
         assert mpreqrep.do_request(address, "refuse", 10 * UNIT) == ""
     assert mpreqrep.do_request(address, "ok", 10 * UNIT) == "fine\r\n"
-    assert any("could not submit" in r.getMessage() for r in caplog.records)
+    failures = [r for r in caplog.records if "error serving the connection" in r.getMessage()]
+    assert len(failures) == 1 and failures[0].exc_info is not None
 
 
 def test_cancelled_future_closes_that_connection_and_serving_goes_on(
@@ -286,3 +288,83 @@ def test_an_attached_dispatcher_can_run_callbacks_and_read_sockets_on_the_io_thr
     assert wait_until(lambda: not loop.call_soon(watch), 10 * UNIT)  # stopped: run it yourself
     reader.close()
     writer.close()
+
+
+class StepFault(BaseException):
+    """Raised by a socket method the test picked; a BaseException on purpose."""
+
+
+class FaultySocket:
+    """An accepted socket whose method ``failing`` raises :class:`StepFault`."""
+
+    def __init__(self, sock: socket.socket, failing: str) -> None:
+        self._sock = sock
+        self._failing = failing
+
+    def __getattr__(self, name: str) -> Any:
+        if name == self._failing:
+            raise StepFault(f"{name} exploded")
+        return getattr(self._sock, name)
+
+
+class FaultyListener:
+    """A listener whose next accepted socket fails in the method named by ``failing``."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0), backlog=64)
+        self.failing: str | None = None
+        self.accepted: list[socket.socket] = []
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def setblocking(self, flag: bool) -> None:
+        self.sock.setblocking(flag)
+
+    def accept(self) -> tuple[object, object]:
+        sock, peer = self.sock.accept()
+        self.accepted.append(sock)
+        failing, self.failing = self.failing, None
+        return (sock if failing is None else FaultySocket(sock, failing)), peer
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class EchoDispatcher(Dispatcher):
+    """Replies at once: ``surrogate`` gets an unencodable reply, ``exit`` a SystemExit."""
+
+    def submit(self, request: str) -> Future[str]:
+        if request.startswith("exit"):
+            raise SystemExit("submit exploded")
+        future: Future[str] = Future()
+        future.set_result("name-\udcff" if request.startswith("surrogate") else "echo " + request)
+        return future
+
+
+@pytest.mark.parametrize(
+    ("failing", "request_text"),
+    [
+        ("setblocking", "a"),  # accept
+        ("recv", "b"),  # read
+        (None, "exit"),  # dispatch
+        (None, "surrogate"),  # encode
+        ("send", "c"),  # write
+        ("shutdown", "d"),  # close
+    ],
+)
+def test_a_fault_in_any_step_costs_only_that_connection(
+    serving: list[IOLoop], failing: str | None, request_text: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    listener = FaultyListener()
+    loop = start_loop(serving, listener, EchoDispatcher())
+    address = f"localhost:{listener.sock.getsockname()[1]}"
+    listener.failing = failing
+    with caplog.at_level(logging.ERROR, logger="mpreqrep"):
+        reply = raw_exchange(listener.sock.getsockname()[1], f"{request_text}\r\n".encode())
+    # The close step fails after the reply went out; every other step before.
+    assert reply.decode() == ("echo d\r\n" if failing == "shutdown" else "")
+    assert mpreqrep.do_request(address, "next", 10 * UNIT) == "echo next\r\n"
+    assert loop.stats.failed == 1
+    assert wait_until(lambda: all(sock.fileno() == -1 for sock in listener.accepted), 5 * UNIT)
+    assert [r for r in caplog.records if r.exc_info], "no traceback logged"

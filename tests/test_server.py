@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import signal
 import socket
+import subprocess
+import sys
+import textwrap
 import threading
 import time
+from pathlib import Path
 
+import psutil
 import pytest
 
 import mpreqrep
 
 from .conftest import UNIT, ask_all, running, wait_until
+from .process_handlers import PidServer
 
 
 class OverlapCounter(mpreqrep.RequestServer):
@@ -213,3 +220,135 @@ def test_server_copy_pickles_without_runtime() -> None:
     finally:
         server.stop()
         server.run()
+
+
+def children() -> set[int]:
+    return {child.pid for child in psutil.Process().children(recursive=True)}
+
+
+@pytest.mark.parametrize("options", [{}, {"workers": 1}], ids=["thread", "process"])
+def test_a_second_start_raises_before_touching_anything(options: dict[str, object]) -> None:
+    with running(PidServer, **options) as server:
+        before = children()
+        for call in (server.start, server.run):
+            with pytest.raises(RuntimeError, match="serves only once"):
+                call()
+        assert children() == before  # no second pool
+        assert mpreqrep.do_request(server.address, "still", 10 * UNIT).endswith("still\r\n")
+    # running() checked that stop() + join() return
+
+
+def test_run_or_start_after_stop_raises_runtime_error() -> None:
+    with running() as server:
+        pass
+    for call in (server.run, server.start):
+        with pytest.raises(RuntimeError, match="serves only once"):
+            call()
+
+
+def test_concurrent_starts_serve_once() -> None:
+    server = mpreqrep.RequestServer("127.0.0.1:0")
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(4)
+
+    def start() -> None:
+        barrier.wait()
+        try:
+            server.start()
+        except RuntimeError as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=start) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10 * UNIT)
+    assert len(errors) == 3
+    assert mpreqrep.do_request(server.address, "once", 10 * UNIT) == "Requested: once\r\n"
+    server.stop()
+    server.join(10 * UNIT)
+    assert not server.is_alive()
+
+
+class Unpicklable(mpreqrep.RequestServer):
+    """Holds a lock, which cannot be pickled for the process workers."""
+
+    def __init__(self, address: str, **options: object) -> None:
+        super().__init__(address, **options)  # type: ignore[arg-type]
+        self.lock = threading.Lock()
+
+
+def test_a_failed_start_closes_the_listener_at_once() -> None:
+    server = Unpicklable("127.0.0.1:0", workers=1)
+    with pytest.raises(RuntimeError, match="pickle"):
+        server.start()
+    started = time.monotonic()
+    with pytest.raises(mpreqrep.NoServerError):
+        mpreqrep.do_request(server.address, "anyone?", 10 * UNIT)
+    assert time.monotonic() - started < 1 * UNIT
+    with pytest.raises(RuntimeError, match="serves only once"):
+        server.start()
+
+
+CTRL_C_SCRIPT = """
+import sys, threading
+import mpreqrep
+
+class Held(mpreqrep.RequestServer):
+    release = threading.Event()
+
+    def handle_request(self, request):
+        print("handling", flush=True)
+        Held.release.wait(30)  # released by the first Ctrl-C below
+        return "answered"
+
+server = Held("127.0.0.1:0", async_val=sys.argv[1] == "async")
+old_stop = server.stop
+
+def stop():
+    old_stop()
+    Held.release.set()
+
+server.stop = stop
+print(server.port, flush=True)
+server.run()
+print("run returned", flush=True)
+"""
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_ctrl_c_while_run_serves_in_the_main_thread_stops_gracefully(
+    tmp_path: Path, mode: str
+) -> None:
+    script = tmp_path / "serve_in_main.py"
+    script.write_text(textwrap.dedent(CTRL_C_SCRIPT))
+    repo = Path(__file__).resolve().parent.parent
+    process = subprocess.Popen(
+        [sys.executable, str(script), mode],
+        cwd=repo,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        address = f"127.0.0.1:{int(process.stdout.readline())}"
+        replies: list[str | None] = []
+        client = threading.Thread(
+            target=lambda: replies.append(mpreqrep.do_request(address, "q", 30 * UNIT))
+        )
+        client.start()
+        assert process.stdout.readline() == "handling\n"
+        process.send_signal(signal.SIGINT)
+        client.join(30 * UNIT)
+        out, err = process.communicate(timeout=30 * UNIT)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert replies == ["answered\r\n"]
+    assert process.returncode == 0, err
+    assert out == "run returned\n"
+    assert "Traceback" not in err
+    with pytest.raises(mpreqrep.NoServerError):
+        mpreqrep.do_request(address, "after", 10 * UNIT)
