@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
-from ._address import split_address
+from ._address import format_address, tcp_endpoint
 from ._errors import NoServerError
 from ._framing import LineReceiver, encode_message
 
@@ -39,10 +39,11 @@ async def do_request_async(address: str, request: str, timeout: float | None = -
         complete reply came within ``timeout``.
 
     Raises:
-        ValueError: a malformed address, or ``request`` is not a ``str``.
+        ValueError: a malformed address, a protocol other than tcp, or
+            ``request`` is not a ``str``.
         NoServerError: nobody is listening at the address.
     """
-    _, host, port = split_address(address)
+    host, port = tcp_endpoint(address)
     if not isinstance(request, str):
         raise ValueError("request should be a string.")
     exchange = _exchange(host, port, encode_message(request))
@@ -71,7 +72,7 @@ async def _connect(host: str, port: int) -> tuple[asyncio.StreamReader, asyncio.
     try:
         return await asyncio.open_connection(host, port)
     except OSError as exc:
-        raise NoServerError(f"No server is listening at {host}:{port}.") from exc
+        raise NoServerError(f"No server is listening at {format_address(host, port)}.") from exc
 
 
 async def _send(writer: asyncio.StreamWriter, payload: bytes) -> None:

@@ -213,12 +213,15 @@ def address_argument(text: str) -> str:
     """Check an address with :func:`split_address`; return it unchanged.
 
     Raises:
-        argparse.ArgumentTypeError: the address is malformed.
+        argparse.ArgumentTypeError: the address is malformed, or its
+            protocol is not tcp.
     """
     try:
-        split_address(text)
+        protocol, _, _ = split_address(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(f"invalid address {text!r}: {exc}") from exc
+    if protocol != "tcp":
+        raise argparse.ArgumentTypeError(f"invalid address {text!r}: only tcp is served")
     return text
 
 

@@ -12,7 +12,7 @@ import contextlib
 import socket
 import time
 
-from ._address import split_address
+from ._address import format_address, tcp_endpoint
 from ._errors import NoServerError
 from ._framing import LineReceiver, encode_message
 
@@ -26,7 +26,8 @@ def do_request(address: str, request: str, timeout: float | None = -1) -> str | 
     line-oriented TCP server (an HTTP server answers its status line).
 
     Args:
-        address: ``"[tcp://]host:port"``, see :func:`split_address`.
+        address: ``"[tcp://]host:port"``, see :func:`split_address`; an
+            IPv6 host in brackets, as ``"[::1]:8000"``.
         request: the request text; CRLF is appended unless present.
         timeout: seconds to wait for the whole exchange if > 0; otherwise
             (0, negative or ``None``) wait as long as it takes.
@@ -37,12 +38,13 @@ def do_request(address: str, request: str, timeout: float | None = -1) -> str | 
         ``None`` if ``timeout`` ran out first.
 
     Raises:
-        ValueError: ``request`` is not a ``str``, or the address is malformed.
+        ValueError: ``request`` is not a ``str``, the address is malformed,
+            or its protocol is not tcp.
         NoServerError: nobody is listening at the address.
 
     Thread safety: each call uses its own socket; call it from any thread.
     """
-    _, host, port = split_address(address)
+    host, port = tcp_endpoint(address)
     if not isinstance(request, str):
         raise ValueError("request should be a string.")
     deadline = time.monotonic() + timeout if timeout is not None and timeout > 0 else None
@@ -51,7 +53,7 @@ def do_request(address: str, request: str, timeout: float | None = -1) -> str | 
     except TimeoutError:
         return None
     except OSError as exc:
-        raise NoServerError(f"No server is listening at {host}:{port}.") from exc
+        raise NoServerError(f"No server is listening at {format_address(host, port)}.") from exc
     with sock:
         try:
             _send_request(sock, request, deadline)

@@ -141,11 +141,12 @@ def _defer_accept(listener: socket.socket) -> None:
         listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, DEFER_ACCEPT_S)
 
 
-def _is_interrupt(exc: BaseException) -> bool:
-    """Whether ``exc`` is Ctrl-C on the main thread, which must end serving, not a step."""
-    return (
-        isinstance(exc, KeyboardInterrupt) and threading.current_thread() is threading.main_thread()
-    )
+def _log_failure(exc: BaseException, message: str, *args: object) -> None:
+    """Log ``exc`` with its traceback, unless it is Ctrl-C on the main thread,
+    which is nobody's failure and must end serving: it is raised again."""
+    if isinstance(exc, KeyboardInterrupt) and threading.current_thread() is threading.main_thread():
+        raise exc
+    logger.error(message, *args, exc_info=exc)
 
 
 def _close_socket(sock: socket.socket, *, reset: bool) -> None:
@@ -294,9 +295,7 @@ class IOLoop:
         try:
             target()
         except BaseException as exc:
-            if _is_interrupt(exc):
-                raise
-            logger.exception("a reader callback on the I/O loop failed")
+            _log_failure(exc, "a reader callback on the I/O loop failed")
 
     def _guarded(self, conn: _Connection, step: Callable[..., None], *args: Any) -> None:
         """The one guard of every per-connection step (read, dispatch, reply, write,
@@ -311,14 +310,8 @@ class IOLoop:
         try:
             step(conn, *args)
         except BaseException as exc:
-            if _is_interrupt(exc):
-                raise
+            _log_failure(exc, "error serving the connection from %s; no reply", conn.peer)
             self.stats.failed += 1
-            logger.error(
-                "error serving the connection from %s; closing it without a reply",
-                conn.peer,
-                exc_info=exc,
-            )
             if conn.phase != CLOSED:
                 self._close(conn)
 
@@ -663,6 +656,4 @@ class IOLoop:
             try:
                 calls.popleft()()
             except BaseException as exc:
-                if _is_interrupt(exc):
-                    raise
-                logger.exception("a callback queued on the I/O loop failed")
+                _log_failure(exc, "a callback queued on the I/O loop failed")

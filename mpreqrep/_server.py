@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from types import FrameType, TracebackType
 from typing import Any
 
-from ._address import split_address
+from ._address import format_address, tcp_endpoint
 from ._dispatch import Dispatcher, InlineDispatcher, thread_dispatcher
 from ._ioloop import IOLoop
 
@@ -146,12 +146,10 @@ class RequestServer(threading.Thread):
             max_threads=max_threads,
         )
         _check_options(self._options, executor)
-        protocol, host, port = split_address(address)
-        if protocol != "tcp":
-            raise ValueError(f"only tcp is served, not {protocol!r}")
+        host, port = tcp_endpoint(address)
         listener = _listen(host, port, backlog)
         self.port: int = listener.getsockname()[1]
-        self.address: str = f"{host}:{self.port}"
+        self.address: str = format_address(host, self.port)
         self.name = f"mpreqrep-server-{self.port}"
         self._runtime: _Runtime | None = _Runtime(listener, executor)
 
@@ -395,8 +393,13 @@ def _make_dispatcher(
 
 
 def _listen(host: str, port: int, backlog: int) -> socket.socket:
-    """A TCP socket bound to (host, port) and listening, or OSError."""
-    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    """A TCP socket bound to (host, port) and listening, or OSError.
+
+    An IPv6 host (``split_address`` gives it without brackets) gets an
+    ``AF_INET6`` socket; any other host, ``AF_INET``, as in yoton.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listener = socket.socket(family, socket.SOCK_STREAM)
     try:
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         listener.bind((host, port))

@@ -261,3 +261,11 @@ def echo_address() -> Iterator[str]:
 def test_same_reply_as_do_request(echo_address: str, text: str) -> None:
     expected = mpreqrep.do_request(echo_address, text, timeout=10 * UNIT)
     assert run(do_request_async(echo_address, text, timeout=10 * UNIT)) == expected
+
+
+def test_ipv6_address_in_brackets_and_other_protocols() -> None:
+    with mpreqrep.RequestServer("[::1]:0") as server:
+        assert run(do_request_async(server.address, "six", 10 * UNIT)) == "Requested: six\r\n"
+    for address in ("udp://localhost:1", "::1:1", "localhost:-1"):
+        with pytest.raises(ValueError):
+            run(do_request_async(address, "x"))

@@ -91,3 +91,18 @@ def test_http_server_answers_its_status_line() -> None:
         httpd.server_close()
     assert reply is not None
     assert reply.startswith("HTTP/1.0 ") and reply.endswith("\r\n")
+
+
+def test_ipv6_address_in_brackets() -> None:
+    with mpreqrep.RequestServer("[::1]:0") as server:
+        assert server.address == f"[::1]:{server.port}"
+        assert mpreqrep.do_request(server.address, "six", 10 * UNIT) == "Requested: six\r\n"
+        assert mpreqrep.do_request(f"tcp://[::1]:{server.port}", "6") == "Requested: 6\r\n"
+
+
+@pytest.mark.parametrize(
+    "address", ["udp://localhost:1", "itc://localhost:1", "::1:1", "localhost:-1", "[::1]"]
+)
+def test_another_protocol_or_a_malformed_address_is_a_value_error(address: str) -> None:
+    with pytest.raises(ValueError):
+        mpreqrep.do_request(address, "x", timeout=1 * UNIT)

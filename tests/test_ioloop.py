@@ -337,6 +337,8 @@ class EchoDispatcher(Dispatcher):
     def submit(self, request: str) -> Future[str]:
         if request.startswith("exit"):
             raise SystemExit("submit exploded")
+        if request.startswith("interrupt"):
+            raise KeyboardInterrupt  # off the main thread: not Ctrl-C, a fault like any
         future: Future[str] = Future()
         future.set_result("name-\udcff" if request.startswith("surrogate") else "echo " + request)
         return future
@@ -348,6 +350,7 @@ class EchoDispatcher(Dispatcher):
         ("setblocking", "a"),  # accept
         ("recv", "b"),  # read
         (None, "exit"),  # dispatch
+        (None, "interrupt"),  # dispatch
         (None, "surrogate"),  # encode
         ("send", "c"),  # write
         ("shutdown", "d"),  # close
@@ -368,3 +371,56 @@ def test_a_fault_in_any_step_costs_only_that_connection(
     assert loop.stats.failed == 1
     assert wait_until(lambda: all(sock.fileno() == -1 for sock in listener.accepted), 5 * UNIT)
     assert [r for r in caplog.records if r.exc_info], "no traceback logged"
+
+
+def test_ctrl_c_on_the_main_thread_ends_serving_and_closes_every_socket() -> None:
+    assert threading.current_thread() is threading.main_thread()
+    listener = socket.create_server(("127.0.0.1", 0), backlog=64)
+    loop = IOLoop(
+        listener,
+        EchoDispatcher(),
+        read_timeout_s=10 * UNIT,
+        request_timeout_s=None,
+        max_request_size=1000,
+        max_pending=None,
+    )
+    port = listener.getsockname()[1]
+    replies: list[bytes] = []
+    client = threading.Thread(target=lambda: replies.append(raw_exchange(port, b"interrupt\r\n")))
+    client.start()
+    with pytest.raises(KeyboardInterrupt):
+        loop.serve()
+    client.join(10 * UNIT)
+    assert replies == [b""]
+    assert listener.fileno() == -1
+
+
+def test_a_failing_reader_callback_is_logged_and_the_loop_goes_on(
+    serving: list[IOLoop], caplog: pytest.LogCaptureFixture
+) -> None:
+    listener = socket.create_server(("127.0.0.1", 0), backlog=64)
+    dispatcher = AttachingDispatcher()
+    loop = start_loop(serving, listener, dispatcher)
+    reader, writer = socket.socketpair()
+
+    def explode() -> None:
+        reader.recv(1)
+        raise SystemExit("reader bug")
+
+    with caplog.at_level(logging.ERROR, logger="mpreqrep"):
+        assert loop.call_soon(lambda: loop.add_reader(reader, explode))
+        writer.send(b"x")
+        assert wait_until(
+            lambda: "a reader callback on the I/O loop failed" in caplog.text, 5 * UNIT
+        )
+    address = f"localhost:{listener.getsockname()[1]}"
+    replies: list[str | None] = []
+    client = threading.Thread(target=lambda: replies.append(mpreqrep.do_request(address, "r")))
+    client.start()
+    assert wait_until(lambda: len(dispatcher.futures) == 1, 10 * UNIT)
+    dispatcher.futures[0][1].set_result("still serving")
+    client.join(10 * UNIT)
+    assert replies == ["still serving\r\n"]
+    loop.call_soon(lambda: loop.remove_reader(reader))
+    reader.close()
+    writer.close()

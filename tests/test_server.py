@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import os
 import signal
 import socket
 import subprocess
@@ -316,10 +318,8 @@ print("run returned", flush=True)
 """
 
 
-@pytest.mark.parametrize("mode", ["sync", "async"])
-def test_ctrl_c_while_run_serves_in_the_main_thread_stops_gracefully(
-    tmp_path: Path, mode: str
-) -> None:
+def test_ctrl_c_stops_a_script_that_serves_with_run_and_it_exits_0(tmp_path: Path) -> None:
+    mode = "sync"
     script = tmp_path / "serve_in_main.py"
     script.write_text(textwrap.dedent(CTRL_C_SCRIPT))
     repo = Path(__file__).resolve().parent.parent
@@ -352,3 +352,101 @@ def test_ctrl_c_while_run_serves_in_the_main_thread_stops_gracefully(
     assert "Traceback" not in err
     with pytest.raises(mpreqrep.NoServerError):
         mpreqrep.do_request(address, "after", 10 * UNIT)
+
+
+class HeldServer(mpreqrep.RequestServer):
+    """Each handler waits until the test releases it."""
+
+    def __init__(self, address: str, **options: object) -> None:
+        super().__init__(address, **options)  # type: ignore[arg-type]
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def handle_request(self, request: str) -> str:
+        self.entered.set()
+        self.release.wait(20 * UNIT)
+        return "answered"
+
+
+def ask_in_background(address: str) -> tuple[threading.Thread, list[str | None]]:
+    replies: list[str | None] = []
+    thread = threading.Thread(
+        target=lambda: replies.append(mpreqrep.do_request(address, "q", 30 * UNIT))
+    )
+    thread.start()
+    return thread, replies
+
+
+def ctrl_c_handled() -> bool:
+    """Whether our SIGINT handler ran: it puts Python's default handler back."""
+    return signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+@pytest.mark.parametrize("async_val", [False, True], ids=["sync", "async"])
+def test_ctrl_c_while_run_serves_in_the_main_thread_drains_and_returns(async_val: bool) -> None:
+    assert threading.current_thread() is threading.main_thread()
+    server = HeldServer("127.0.0.1:0", async_val=async_val)
+    client, replies = ask_in_background(server.address)
+
+    def press_ctrl_c() -> None:
+        assert server.entered.wait(20 * UNIT)
+        os.kill(os.getpid(), signal.SIGINT)
+        assert wait_until(ctrl_c_handled, 20 * UNIT)
+        server.release.set()
+
+    presser = threading.Thread(target=press_ctrl_c)
+    presser.start()
+    server.run()  # returns: no KeyboardInterrupt
+    presser.join(20 * UNIT)
+    client.join(20 * UNIT)
+    assert replies == ["answered\r\n"]
+    assert ctrl_c_handled()
+    with pytest.raises(mpreqrep.NoServerError):
+        mpreqrep.do_request(server.address, "after", 10 * UNIT)
+
+
+def test_a_second_ctrl_c_interrupts_the_drain() -> None:
+    server = HeldServer("127.0.0.1:0", async_val=True)
+    client, replies = ask_in_background(server.address)
+
+    def press_ctrl_c_twice() -> None:
+        assert server.entered.wait(20 * UNIT)
+        os.kill(os.getpid(), signal.SIGINT)
+        assert wait_until(ctrl_c_handled, 20 * UNIT)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    presser = threading.Thread(target=press_ctrl_c_twice)
+    presser.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            server.run()
+    finally:
+        server.release.set()
+        presser.join(20 * UNIT)
+        client.join(20 * UNIT)
+    assert replies == [""]  # the drain was cut short: closed without a reply
+
+
+def test_a_thread_that_cannot_start_leaves_nothing_listening(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    server = mpreqrep.RequestServer("127.0.0.1:0")
+
+    def no_thread(self: threading.Thread) -> None:
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(threading.Thread, "start", no_thread)
+    with pytest.raises(RuntimeError, match="new thread"):
+        server.start()
+    monkeypatch.undo()
+    with pytest.raises(mpreqrep.NoServerError):
+        mpreqrep.do_request(server.address, "anyone?", 10 * UNIT)
+
+
+def test_verbose_with_a_closed_stdout_still_answers(monkeypatch: pytest.MonkeyPatch) -> None:
+    closed = io.StringIO()
+    closed.close()
+    monkeypatch.setattr(sys, "stdout", closed)
+    with running(verbose=1) as server:
+        assert mpreqrep.do_request(server.address, "v", 10 * UNIT) == "Requested: v\r\n"
+        assert server.stats()["failed"] == 0
