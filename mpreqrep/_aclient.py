@@ -57,7 +57,10 @@ async def do_request_async(address: str, request: str, timeout: float | None = -
 
 async def _exchange(host: str, port: int, payload: bytes) -> str:
     """Connect, send the payload, half-close, and read the reply."""
-    reader, writer = await _connect(host, port)
+    connection = await _connect(host, port)
+    if connection is None:
+        return ""
+    reader, writer = connection
     try:
         await _send(writer, payload)
         return await _receive(reader)
@@ -67,10 +70,21 @@ async def _exchange(host: str, port: int, payload: bytes) -> str:
             await writer.wait_closed()
 
 
-async def _connect(host: str, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """Open the connection, turning any failure into :class:`NoServerError`."""
+async def _connect(
+    host: str, port: int
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
+    """Open the connection; ``None`` if it was reset as it opened.
+
+    A reset while connecting means the server accepted, then closed (a listener
+    closed with this connection in its backlog): no reply, not "no server".
+
+    Raises:
+        NoServerError: nobody accepted (refused, unreachable, ...).
+    """
     try:
         return await asyncio.open_connection(host, port)
+    except (ConnectionResetError, ConnectionAbortedError):
+        return None
     except OSError as exc:
         raise NoServerError(f"No server is listening at {format_address(host, port)}.") from exc
 
@@ -78,23 +92,24 @@ async def _connect(host: str, port: int) -> tuple[asyncio.StreamReader, asyncio.
 async def _send(writer: asyncio.StreamWriter, payload: bytes) -> None:
     """Write the request and shut down the write side (SPEC section 1, step 1).
 
-    A server that hangs up early (say, on an oversized request) may reset the
-    connection; that is not an error here, since the reply, or its absence,
-    is read next.
+    A server that hangs up early (say, on an oversized request, or a listener
+    closed with this connection still in its backlog) may reset the connection
+    (``ECONNRESET``, ``EPIPE``, ``ENOTCONN`` from the half-close); that is not
+    an error here, since the reply, or its absence, is read next.
     """
-    with contextlib.suppress(ConnectionError):
+    with contextlib.suppress(OSError):
         writer.write(payload)
         await writer.drain()
         writer.write_eof()
 
 
 async def _receive(reader: asyncio.StreamReader) -> str:
-    """Read until the first CRLF or EOF; a reset counts as EOF."""
+    """Read until the first CRLF or EOF; a failed connection (a reset) counts as EOF."""
     receiver = LineReceiver()
     while True:
         try:
             data = await reader.read(RECV_CHUNK_SIZE)
-        except ConnectionError:
+        except OSError:
             data = b""
         reply = receiver.receive(data)
         if reply is not None:

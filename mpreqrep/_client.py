@@ -4,11 +4,16 @@ Connects, sends one request, half-closes, and reads the reply into the
 framing layer until its first CRLF, EOF or the deadline. Blocking sockets
 with a timeout recomputed from one ``time.monotonic()`` deadline: no polling
 and no sleeps.
+
+Every connection-level failure has one documented outcome, never a bare
+``OSError``: nobody accepts (refused, unreachable) → :class:`NoServerError`;
+the connection fails once made (reset, ``ENOTCONN`` on shutdown, a listener closed with the
+connection still in its backlog) → the server closed without a reply, ``""``
+(or the part of the reply that came first); the deadline passes → ``None``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import socket
 import time
 
@@ -52,6 +57,10 @@ def do_request(address: str, request: str, timeout: float | None = -1) -> str | 
         sock = socket.create_connection((host, port), timeout=_remaining(deadline))
     except TimeoutError:
         return None
+    except (ConnectionResetError, ConnectionAbortedError):
+        # Accepted, then reset before the (timed, non-blocking) connect returned:
+        # a listener closed with us in its backlog. No reply, not "no server".
+        return ""
     except OSError as exc:
         raise NoServerError(f"No server is listening at {format_address(host, port)}.") from exc
     with sock:
@@ -70,23 +79,38 @@ def _remaining(deadline: float | None) -> float | None:
 
 
 def _send_request(sock: socket.socket, request: str, deadline: float | None) -> None:
-    """Send the request and half-close; a server that already closed is not an error."""
+    """Send the request and half-close; a server that already closed is not an error.
+
+    Raises:
+        TimeoutError: the deadline passed.
+    """
     sock.settimeout(_remaining(deadline))
-    # The server may have closed early (say, an oversize request): then the
-    # reply is whatever it sent, usually nothing, which _receive_reply reads.
-    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+    # The server may have closed early (say, an oversize request, or a listener
+    # closed with us in its backlog: EPIPE, ECONNRESET, ENOTCONN): then the reply
+    # is whatever it sent, usually nothing, which _receive_reply reads.
+    try:
         sock.sendall(encode_message(request))
         sock.shutdown(socket.SHUT_WR)
+    except TimeoutError:
+        raise
+    except OSError:
+        pass
 
 
 def _receive_reply(sock: socket.socket, deadline: float | None) -> str:
-    """Read until the first CRLF or EOF; a reset counts as EOF."""
+    """Read until the first CRLF or EOF; a failed connection (a reset) counts as EOF.
+
+    Raises:
+        TimeoutError: the deadline passed.
+    """
     receiver = LineReceiver()
     while True:
         sock.settimeout(_remaining(deadline))
         try:
             data = sock.recv(RECV_CHUNK_SIZE)
-        except ConnectionResetError:
+        except TimeoutError:
+            raise
+        except OSError:
             data = b""
         reply = receiver.receive(data)
         if reply is not None:

@@ -20,6 +20,18 @@ Data flow across threads::
 Each connection moves READING → WAITING → WRITING → CLOSED; each phase has
 its own deadline (read timeout, request timeout, write timeout). Every socket
 is closed in exactly one place, :meth:`IOLoop._close`.
+
+Stopping (so that yoton's idiom, ``stop()`` then at once one more request as a
+trigger, is answered): after :meth:`IOLoop.request_stop` the listener stays
+open for ``STOP_LINGER_S`` and for as long as requests accepted before the
+stop are still running, whichever is longer; connections that arrive in that
+time are served as usual, but do not keep the listener open. Then the
+connections already waiting in the kernel's backlog are accepted (up to
+``STOP_SWEEP_MAX``) and the listener is closed; :meth:`IOLoop.serve` returns
+once every accepted connection is done. An idle server thus stops in about
+``STOP_LINGER_S``. A client that connects in the instant between the last
+accept and the close is reset by the kernel (the client sees ``""``); one
+that connects later is refused (``NoServerError``).
 """
 
 from __future__ import annotations
@@ -53,6 +65,8 @@ RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.EN
 SEND_FLAGS = getattr(socket, "MSG_MORE", 0)
 DEFER_ACCEPT_S = 1
 LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a reset
+STOP_LINGER_S = 0.05
+STOP_SWEEP_MAX = 1024
 
 READING, WAITING, WRITING, CLOSED = "reading", "waiting", "writing", "closed"
 
@@ -216,6 +230,9 @@ class IOLoop:
         self._wake_pending = False
         self._serving_thread: int | None = None
         self._stop_requested = False
+        self._linger_until: float | None = None
+        self._draining: set[_Connection] | None = None
+        self._listening = True
         self._accepting = False
         self._accept_paused_until = 0.0
         self._connections: set[_Connection] = set()
@@ -232,8 +249,11 @@ class IOLoop:
     # -- control, from any thread -------------------------------------------------
 
     def request_stop(self) -> None:
-        """Stop accepting; :meth:`serve` returns once every accepted request is done."""
-        self._stop_requested = True
+        """Stop soon (see the module docstring); :meth:`serve` returns once the
+        listener is closed and every accepted request is done. Idempotent."""
+        if not self._stop_requested:
+            self._linger_until = time.monotonic() + STOP_LINGER_S
+            self._stop_requested = True
         self._wake_nowait()
 
     def call_soon(self, callback: Callable[[], None]) -> bool:
@@ -278,14 +298,19 @@ class IOLoop:
         self._serving_thread = threading.get_ident()
         self._dispatcher.attach(self)
         try:
-            while not (self._stop_requested and not self._connections):
-                self._update_accepting()
+            while self._keep_serving():
                 for key, _ in self._selector.select(self._select_timeout()):
                     self._handle_event(key.data)
                 self._reply_completed()
                 self._expire_deadlines(time.monotonic())
         finally:
             self._close_everything()
+
+    def _keep_serving(self) -> bool:
+        """Update the listener's watch (closing it once a stop is due); whether the
+        listener or any connection is left to serve."""
+        self._update_accepting()
+        return self._listening or bool(self._connections)
 
     def _handle_event(self, target: _Connection | Callable[[], None]) -> None:
         """Run the step a ready socket is waiting for."""
@@ -318,6 +343,9 @@ class IOLoop:
     def _select_timeout(self) -> float | None:
         """Seconds until the next deadline (or accept back-off), ``None`` if none."""
         earliest = self._accept_paused_until or None
+        linger_until = self._linger_until
+        if linger_until is not None and (earliest is None or linger_until < earliest):
+            earliest = linger_until
         for deadlines in (self._read_deadlines, self._request_deadlines, self._write_deadlines):
             deadline = deadlines.next_deadline()
             if deadline is not None and (earliest is None or deadline < earliest):
@@ -327,9 +355,12 @@ class IOLoop:
     # -- accepting ----------------------------------------------------------------------
 
     def _update_accepting(self) -> None:
-        """Watch the listener only while stopping is not asked, the pool has room
-        and no accept back-off is running."""
-        if self._stop_requested:
+        """Watch the listener while it is open, the pool has room and no accept
+        back-off is running; close it once a stop is due."""
+        if not self._listening:
+            return
+        if self._stop_requested and self._stop_is_due():
+            self._sweep_backlog()
             self._close_listener()
             return
         if self._accept_paused_until and time.monotonic() >= self._accept_paused_until:
@@ -341,6 +372,27 @@ class IOLoop:
             else:
                 self._selector.unregister(self._listener)
             self._accepting = should_accept
+
+    def _stop_is_due(self) -> bool:
+        """Whether the linger is over and the requests accepted before the stop are done."""
+        if self._draining is None:  # the first look since the stop
+            self._draining = set(self._connections)
+        elif self._draining:
+            self._draining = {conn for conn in self._draining if conn.phase != CLOSED}
+        if self._linger_until is not None:
+            if time.monotonic() < self._linger_until:
+                return False
+            self._linger_until = None  # no more select timeouts for it
+        return not self._draining
+
+    def _sweep_backlog(self) -> None:
+        """Accept what already waits in the backlog, so that it is answered too."""
+        for _ in range(STOP_SWEEP_MAX):
+            try:
+                sock, peer = self._listener.accept()
+            except OSError:  # BlockingIOError: the backlog is empty
+                return
+            self._open(sock, peer)
 
     def _accept_batch(self) -> None:
         """Accept the connections that are waiting, up to one batch."""
@@ -617,6 +669,7 @@ class IOLoop:
 
     def _close_listener(self) -> None:
         """Stop listening for good."""
+        self._listening = False
         if self._accepting:
             self._selector.unregister(self._listener)
             self._accepting = False

@@ -81,7 +81,8 @@ class RequestServer(threading.Thread):
             binds an ephemeral port, reported by :attr:`port`.
         async_val: thread mode only: run handlers concurrently on threads.
             ``async`` is accepted as a keyword alias (yoton's signature).
-        verbose: print a line per accepted connection, as yoton does.
+        verbose: print, as yoton does, a line when serving starts and one
+            per accepted connection.
         workers: ``None`` for thread mode, an int >= 1 or ``"auto"``
             (physical cores) for a loky process pool of that many workers.
         executor: any ``concurrent.futures.Executor`` to run handlers on
@@ -203,6 +204,8 @@ class RequestServer(threading.Thread):
                 self._prepare(runtime)
         assert runtime.loop is not None and runtime.dispatcher is not None
         logger.info("serving at %s", self.address)
+        if self._options.verbose:
+            _print_hosting(runtime.listener)
         try:
             with self._ctrl_c_stops():
                 runtime.loop.serve()
@@ -410,13 +413,21 @@ def _listen(host: str, port: int, backlog: int) -> socket.socket:
     return listener
 
 
-def _print_accept(peer: object) -> None:
-    """yoton's ``verbose`` line for an accepted connection (SPEC section 4).
+def _print_hosting(listener: socket.socket) -> None:
+    """yoton's ``verbose`` line when serving starts, word for word (SPEC section 4)."""
+    host, port = listener.getsockname()[:2]
+    _print_verbose("Yoton: hosting at %s, port %i" % (host, port))  # noqa: UP031 - yoton's format
 
-    A closed or broken stdout (a daemon's, or a pipe whose reader left) costs
-    the line, never the connection.
-    """
+
+def _print_accept(peer: object) -> None:
+    """yoton's ``verbose`` line for an accepted connection (SPEC section 4)."""
+    _print_verbose("handling request from: " + str(peer))
+
+
+def _print_verbose(line: str) -> None:
+    """Print a ``verbose`` line. A closed or broken stdout (a daemon's, or a pipe
+    whose reader left) costs the line, never the connection or the server."""
     try:
-        print("handling request from: " + str(peer))
+        print(line)
     except (OSError, ValueError) as exc:  # ValueError: I/O operation on closed file
         logger.debug("could not print the verbose line: %s", exc)

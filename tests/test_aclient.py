@@ -19,6 +19,7 @@ from mpreqrep._aclient import do_request_async
 from workers.primes import PrimeServer
 from workers.slow_io import SlowIOServer
 
+from .backlog_race import close_with_connection_in_backlog
 from .conftest import UNIT, running
 
 T = TypeVar("T")
@@ -269,3 +270,10 @@ def test_ipv6_address_in_brackets_and_other_protocols() -> None:
     for address in ("udp://localhost:1", "::1:1", "localhost:-1"):
         with pytest.raises(ValueError):
             run(do_request_async(address, "x"))
+
+
+def test_listener_closed_with_the_connection_in_its_backlog_gives_empty_string() -> None:
+    outcomes = close_with_connection_in_backlog(
+        lambda address: asyncio.run(do_request_async(address, "x", timeout=10 * UNIT)), rounds=40
+    )
+    assert outcomes == [""] * 40

@@ -12,6 +12,7 @@ import pytest
 
 import mpreqrep
 
+from .backlog_race import close_with_connection_in_backlog
 from .conftest import UNIT, running, serve_once
 
 
@@ -106,3 +107,12 @@ def test_ipv6_address_in_brackets() -> None:
 def test_another_protocol_or_a_malformed_address_is_a_value_error(address: str) -> None:
     with pytest.raises(ValueError):
         mpreqrep.do_request(address, "x", timeout=1 * UNIT)
+
+
+def test_listener_closed_with_the_connection_in_its_backlog_gives_empty_string() -> None:
+    """No bare OSError (ECONNRESET, EPIPE, ENOTCONN on shutdown): the server closed
+    without a reply, so the client returns ``""``."""
+    outcomes = close_with_connection_in_backlog(
+        lambda address: mpreqrep.do_request(address, "x", timeout=10 * UNIT), rounds=80
+    )
+    assert outcomes == [""] * 80

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import socket
 import subprocess
 import sys
@@ -167,3 +168,26 @@ def test_running_async_handler_does_not_block_exit(module: str) -> None:
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def verbose_lines(module: ModuleType, yoton: ModuleType, capsys: pytest.CaptureFixture[str]) -> str:
+    """The verbose output of a server of ``module``: its hosting line and one
+    accept line, with the port numbers taken out."""
+    server = module.RequestServer("localhost:0", verbose=1)
+    port = server._bsd_socket.getsockname()[1] if module is yoton else server.port
+    capsys.readouterr()
+    server.start()
+    try:
+        wait_for_yoton(yoton, f"localhost:{port}")
+        mpreqrep.do_request(f"localhost:{port}", "last", 10 * UNIT)
+    finally:
+        server.stop()
+        server.join(10 * UNIT)
+    lines = capsys.readouterr().out.splitlines()
+    return re.sub(r"\b\d{4,5}\b", "N", "\n".join([lines[0], lines[-1]]))
+
+
+def test_verbose_output_is_yotons(yoton: ModuleType, capsys: pytest.CaptureFixture[str]) -> None:
+    ours = verbose_lines(mpreqrep, yoton, capsys)
+    assert ours == verbose_lines(yoton, yoton, capsys)
+    assert ours.startswith("Yoton: hosting at 127.0.0.1, port N\nhandling request from: ")
