@@ -104,13 +104,14 @@ async def _send(writer: asyncio.StreamWriter, payload: bytes) -> None:
 
 
 async def _receive(reader: asyncio.StreamReader) -> str:
-    """Read until the first CRLF or EOF; a failed connection (a reset) counts as EOF."""
+    """Read until the first CRLF or EOF; a failed connection (a reset) before the
+    CRLF gives ``""`` (a reply cut short is no reply, see ``_client._receive_reply``)."""
     receiver = LineReceiver()
     while True:
         try:
             data = await reader.read(RECV_CHUNK_SIZE)
         except OSError:
-            data = b""
+            return ""
         reply = receiver.receive(data)
         if reply is not None:
             return reply

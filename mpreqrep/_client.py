@@ -98,7 +98,11 @@ def _send_request(sock: socket.socket, request: str, deadline: float | None) -> 
 
 
 def _receive_reply(sock: socket.socket, deadline: float | None) -> str:
-    """Read until the first CRLF or EOF; a failed connection (a reset) counts as EOF.
+    """Read until the first CRLF or EOF; a failed connection (a reset) before
+    the CRLF gives ``""``.
+
+    A server resets a reply it cut short (a client that made no progress),
+    so the part that came first is not taken for the whole reply.
 
     Raises:
         TimeoutError: the deadline passed.
@@ -111,7 +115,7 @@ def _receive_reply(sock: socket.socket, deadline: float | None) -> str:
         except TimeoutError:
             raise
         except OSError:
-            data = b""
+            return ""
         reply = receiver.receive(data)
         if reply is not None:
             return reply

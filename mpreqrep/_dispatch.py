@@ -110,7 +110,8 @@ class InlineDispatcher(Dispatcher):
     """Runs the handler at once in the I/O thread: yoton's sync mode.
 
     Handlers never overlap and cost no thread hop; a slow handler holds up
-    further handling, but never a client's reading.
+    the whole I/O loop until it returns, so sync mode with a request timeout
+    uses a one-thread :func:`thread_dispatcher` instead.
     """
 
     def __init__(self, handler: Handler) -> None:

@@ -283,6 +283,11 @@ class IOLoop:
         start); :meth:`serve` does this itself when it ends."""
         self._close_everything()
 
+    @property
+    def buffered_bytes(self) -> int:
+        """Request and reply bytes buffered for connections now (any thread)."""
+        return self._held_bytes
+
     def counts(self) -> tuple[int, int, int]:
         """Requests in flight, requests queued for room, connections still reading."""
         in_flight, queued = len(self._in_flight), len(self._queued)

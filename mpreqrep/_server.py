@@ -87,8 +87,14 @@ class RequestServer(threading.Thread):
             (physical cores) for a loky process pool of that many workers.
         executor: any ``concurrent.futures.Executor`` to run handlers on
             (not owned: the server does not shut it down).
-        request_timeout: seconds a handler may run before its client is
-            closed without a reply (in process mode its worker is killed).
+        request_timeout: seconds a request may wait for its handler before
+            its client is closed without a reply, counted from the moment it
+            was read (in process mode, from the moment its handler started,
+            and its worker is killed). In sync mode handlers then run on one
+            handler thread, off the I/O thread, so that the client is cut off
+            on time while a handler runs on; they still never overlap, so
+            the requests queued behind a handler that runs past the timeout
+            time out too.
         max_request_size: bytes a request may reach without a CRLF.
         read_timeout: seconds a client may take to send its request.
         max_pending: requests in flight past which accepting pauses.
@@ -228,6 +234,7 @@ class RequestServer(threading.Thread):
             return {}
         in_flight, queued, reading = runtime.loop.counts()
         figures = runtime.loop.stats.snapshot(in_flight=in_flight, queued=queued, reading=reading)
+        figures["buffered_bytes"] = runtime.loop.buffered_bytes
         # The loop's figures win a clash: they count every request the same way in every mode.
         return {**runtime.dispatcher.stats(), **figures}
 
@@ -392,6 +399,11 @@ def _make_dispatcher(
         )
     if options.async_val:
         return thread_dispatcher(server, max_threads=options.max_threads)
+    if options.request_timeout_s is not None:
+        # Sync mode with a request timeout: the I/O thread must be free to cut a
+        # client off at T while its handler runs on. One handler thread, so
+        # handlers still never overlap.
+        return thread_dispatcher(server, max_threads=1)
     return InlineDispatcher(server)
 
 

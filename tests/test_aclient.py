@@ -277,3 +277,14 @@ def test_listener_closed_with_the_connection_in_its_backlog_gives_empty_string()
         lambda address: asyncio.run(do_request_async(address, "x", timeout=10 * UNIT)), rounds=40
     )
     assert outcomes == [""] * 40
+
+
+def test_a_reply_cut_short_by_a_reset_is_no_reply() -> None:
+    async def cut_short(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()
+        writer.write(b"the first half of a rep")
+        await writer.drain()
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+    assert run(request_via(cut_short, "ping")) == ""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.server
 import socket
+import struct
 import threading
 import time
 from collections.abc import Iterator
@@ -116,3 +117,20 @@ def test_listener_closed_with_the_connection_in_its_backlog_gives_empty_string()
         lambda address: mpreqrep.do_request(address, "x", timeout=10 * UNIT), rounds=80
     )
     assert outcomes == [""] * 80
+
+
+def test_a_reply_cut_short_by_a_reset_is_no_reply() -> None:
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def cut_short() -> None:
+        with listener, listener.accept()[0] as conn:
+            while conn.recv(100):  # the whole request, up to the client's half-close
+                pass
+            conn.sendall(b"the first half of a rep")
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+    thread = threading.Thread(target=cut_short)
+    thread.start()
+    address = f"localhost:{listener.getsockname()[1]}"
+    assert mpreqrep.do_request(address, "x", 10 * UNIT) == ""
+    thread.join(10 * UNIT)

@@ -1,4 +1,4 @@
-"""SPEC section 5 in thread mode: each fault named, each survived."""
+"""SPEC section 5: each fault named, each survived (handler faults in every mode)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import Executor, ThreadPoolExecutor
+from contextlib import contextmanager
 from typing import Any
 
 import loky
@@ -73,6 +74,8 @@ class Hostile(mpreqrep.RequestServer):
             return b"not a str"  # type: ignore[return-value]
         if command == "slow":
             time.sleep(0.3 * UNIT)  # the bystander's own work, not a synchronisation
+        if command.startswith("big "):
+            return "b" * int(command.split()[1])
         return "echo:" + request
 
 
@@ -90,12 +93,10 @@ HANDLER_FAULTS = {
 FAULT_MODES = ["sync", "async", "process", "thread-executor", "loky-executor"]
 
 
-@pytest.fixture
-def hostile_server(request: pytest.FixtureRequest) -> Iterator[mpreqrep.RequestServer]:
-    """A :class:`Hostile` server in the mode the test is parametrized with."""
-    mode = request.param
+@contextmanager
+def hostile(mode: str, **options: Any) -> Iterator[mpreqrep.RequestServer]:
+    """A running :class:`Hostile` server in ``mode`` (see ``FAULT_MODES``)."""
     executor: Executor | None = None
-    options: dict[str, Any] = {}
     if mode == "async":
         options["async_val"] = True
     elif mode == "process":
@@ -110,6 +111,13 @@ def hostile_server(request: pytest.FixtureRequest) -> Iterator[mpreqrep.RequestS
     finally:
         if executor is not None:
             executor.shutdown(wait=True)
+
+
+@pytest.fixture
+def hostile_server(request: pytest.FixtureRequest) -> Iterator[mpreqrep.RequestServer]:
+    """A :class:`Hostile` server in the mode the test is parametrized with."""
+    with hostile(request.param) as server:
+        yield server
 
 
 def raw_exchange(port: int, payload: bytes, *, half_close: bool = True) -> bytes:
@@ -224,6 +232,26 @@ def test_reset_mid_request_costs_nobody_a_reply() -> None:
         assert wait_until(lambda: server.stats()["dropped"] == 1, 5 * UNIT)
 
 
+def test_request_timeout_in_sync_mode_cuts_the_client_off_while_the_handler_runs() -> None:
+    release = threading.Event()
+
+    class Stuck(mpreqrep.RequestServer):
+        def handle_request(self, request: str) -> str:
+            if request.strip() == "hang":
+                release.wait(30 * UNIT)
+            return "echo:" + request
+
+    with running(Stuck, request_timeout=1 * UNIT) as server:
+        started = time.monotonic()
+        assert mpreqrep.do_request(server.address, "hang", 20 * UNIT) == ""
+        assert time.monotonic() - started < 5 * UNIT
+        # Handlers never overlap: a request behind the running handler times out too.
+        assert mpreqrep.do_request(server.address, "queued", 20 * UNIT) == ""
+        release.set()
+        assert mpreqrep.do_request(server.address, "next", 20 * UNIT) == "echo:next\r\n"
+        assert server.stats()["timed_out"] == 2
+
+
 def test_request_timeout_closes_without_reply_in_thread_mode() -> None:
     with running(Faulty, async_val=True, request_timeout=0.3 * UNIT) as server:
         assert mpreqrep.do_request(server.address, "hang", 10 * UNIT) == ""
@@ -305,3 +333,77 @@ def test_every_handler_fault_costs_only_its_own_connection(
     assert server.is_alive()
     tracebacks = [r for r in caplog.records if r.levelno >= logging.ERROR and r.exc_info]
     assert len(tracebacks) >= len(failed)
+
+
+def slow_reader(port: int, request: bytes, *, receive_buffer: int = 65536) -> socket.socket:
+    """A connection with a small receive buffer that has sent ``request`` and half-closed."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)  # before connecting
+    sock.settimeout(10 * UNIT)
+    sock.connect(("127.0.0.1", port))
+    sock.sendall(request)
+    sock.shutdown(socket.SHUT_WR)
+    return sock
+
+
+def read_at(sock: socket.socket, bytes_per_s: float) -> bytes:
+    """Read until the server closes, at about ``bytes_per_s``: the client's pace."""
+    received = bytearray()
+    started = time.monotonic()
+    while True:
+        ahead_s = started + len(received) / bytes_per_s - time.monotonic()
+        if ahead_s > 0:
+            time.sleep(ahead_s)  # the reader's pace, not a synchronisation
+        chunk = sock.recv(65536)
+        if not chunk:
+            return bytes(received)
+        received += chunk
+
+
+REPLY_MODES = ["sync", "async", "process"]
+
+
+@pytest.mark.parametrize("mode", REPLY_MODES)
+def test_a_slow_steady_reader_gets_the_whole_reply(mode: str) -> None:
+    """6 MB at 4 MB/s takes three read timeouts: it must arrive whole."""
+    size = 6_000_000
+    read_timeout = 0.5 * UNIT
+    with hostile(mode, read_timeout=read_timeout) as server:
+        started = time.monotonic()
+        with slow_reader(server.port, f"big {size}\r\n".encode()) as sock:
+            reply = read_at(sock, 4_000_000 / UNIT)
+        assert time.monotonic() - started > 2 * read_timeout
+        assert len(reply) == size + 2 and reply == b"b" * size + b"\r\n"
+        assert wait_until(lambda: server.stats()["served"] == 1, 5 * UNIT)
+        assert server.stats()["dropped"] == 0
+
+
+def test_a_reader_that_stops_is_dropped_with_a_reset_not_a_clean_end() -> None:
+    with (
+        hostile("sync", read_timeout=0.5 * UNIT) as server,
+        slow_reader(server.port, b"big 8000000\r\n") as sock,
+    ):
+        first = sock.recv(65536)
+        assert first.startswith(b"bbb")
+        assert wait_until(lambda: server.stats()["dropped"] == 1, 10 * UNIT)
+        with pytest.raises(ConnectionResetError):
+            read_at(sock, 1e12)  # what the kernel kept, then the reset
+        assert mpreqrep.do_request(server.address, "next", 10 * UNIT) == "echo:next\r\n"
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_buffered_reply_bytes_past_the_bound_pause_accepting(mode: str) -> None:
+    with hostile(mode, max_buffered_bytes=1_000_000, read_timeout=30 * UNIT) as server:
+        stalled = slow_reader(server.port, b"big 8000000\r\n")  # and never read
+        assert wait_until(lambda: server.stats()["buffered_bytes"] > 1_000_000, 10 * UNIT)
+        replies: list[str | None] = []
+        waiting = threading.Thread(
+            target=lambda: replies.append(mpreqrep.do_request(server.address, "next", 20 * UNIT))
+        )
+        waiting.start()
+        assert not wait_until(lambda: bool(replies), 0.5 * UNIT)  # in the backlog meanwhile
+        stalled.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        stalled.close()  # the stalled client gives up: its buffer goes, accepting resumes
+        waiting.join(20 * UNIT)
+        assert replies == ["echo:next\r\n"]
+        assert wait_until(lambda: server.stats()["buffered_bytes"] == 0, 5 * UNIT)

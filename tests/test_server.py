@@ -164,8 +164,11 @@ def test_async_keyword_alias_runs_handlers_concurrently(keyword: str) -> None:
         assert fire(server.address, 2) == ["met\r\n", "met\r\n"]
 
 
-def test_sync_mode_never_overlaps_handlers() -> None:
-    with running(OverlapCounter) as server:
+@pytest.mark.parametrize(
+    "options", [{}, {"request_timeout": 30 * UNIT}], ids=["inline", "one-handler-thread"]
+)
+def test_sync_mode_never_overlaps_handlers(options: dict[str, float]) -> None:
+    with running(OverlapCounter, **options) as server:
         replies = fire(server.address, 20)
         assert replies == [f"x{i}\r\n" for i in range(20)]
         assert server.most_active == 1
