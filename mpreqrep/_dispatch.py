@@ -18,10 +18,15 @@ from __future__ import annotations
 import abc
 from collections.abc import Callable
 from concurrent.futures import Executor, Future
-from typing import Any, Protocol
 
 from ._errors import HandlerReturnTypeError
 from ._threads import DaemonThreadExecutor
+
+TYPE_CHECKING = False  # typing is not imported at run time (import cost, see README)
+if TYPE_CHECKING:
+    from typing import Any, Protocol
+else:
+    Protocol = object  # Handler and LoopHooks are for type checkers only
 
 
 class Handler(Protocol):

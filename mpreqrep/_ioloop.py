@@ -47,12 +47,15 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import CancelledError, Future
-from typing import Any
 
 from ._dispatch import Dispatcher
 from ._errors import RequestTimeoutError, RequestTooLargeError
 from ._framing import LineReceiver, encode_message
 from ._stats import ServerStats
+
+TYPE_CHECKING = False  # typing is not imported at run time (import cost, see README)
+if TYPE_CHECKING:
+    from typing import Any
 
 logger = logging.getLogger("mpreqrep")
 

@@ -7,7 +7,10 @@ thread (it copies, and a figure one request stale is fine).
 from __future__ import annotations
 
 from collections import deque
-from typing import Any
+
+TYPE_CHECKING = False  # typing is not imported at run time (import cost, see README)
+if TYPE_CHECKING:
+    from typing import Any
 
 LATENCY_WINDOW = 10_000
 

@@ -75,6 +75,9 @@ def test_thread_mode_loads_no_heavy_module() -> None:
     )
     loaded = modules_loaded_by(code)
     assert not loaded & set(HEAVY), loaded & set(HEAVY)
+    # Keeps the server as light as yoton's in pyzo (README, "Coming from yoton"):
+    # import typing names under `if TYPE_CHECKING:` and use no dataclass here.
+    assert not loaded & {"typing", "dataclasses"}, loaded & {"typing", "dataclasses"}
 
 
 def test_version_is_pep440() -> None:
