@@ -68,6 +68,7 @@ RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.EN
 SEND_FLAGS = getattr(socket, "MSG_MORE", 0)
 DEFER_ACCEPT_S = 1
 LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a reset
+REPLY_SIZE_MEMORY_S = 10.0  # how long a large reply counts as the size of those to come
 STOP_LINGER_S = 0.05
 STOP_SWEEP_MAX = 1024
 
@@ -198,8 +199,11 @@ class IOLoop:
         max_pending: requests submitted and not yet answered past which no
             new connection is accepted; ``None`` for no limit.
         max_buffered_bytes: request and reply bytes buffered for connections
-            past which no new connection is accepted (the replies of requests
-            already accepted still go out); ``None`` for no limit.
+            past which no new connection is accepted and no new request is
+            dispatched; the requests in flight count as replies as large as
+            the largest of the last ``REPLY_SIZE_MEMORY_S`` seconds (so a
+            burst of big replies cannot overshoot it by more than about one
+            of them); ``None`` for no limit.
         on_accept: called with the peer address of each accepted connection.
 
     Thread safety: :meth:`serve` runs in one thread; :meth:`request_stop` and
@@ -225,6 +229,8 @@ class IOLoop:
         self._max_pending = max_pending
         self._max_buffered_bytes = max_buffered_bytes
         self._held_bytes = 0
+        self._large_reply_size = 0
+        self._large_reply_until = 0.0
         self._on_accept = on_accept
         self._selector = selectors.DefaultSelector()
         self._wake_reader, self._wake_writer = socket.socketpair()
@@ -417,15 +423,38 @@ class IOLoop:
                 return
 
     def _can_accept(self) -> bool:
-        """Whether one more connection fits: under ``max_pending`` with the
-        queued requests counted, and under the buffer bound."""
-        return self._has_room(len(self._queued)) and (
-            self._max_buffered_bytes is None or self._held_bytes < self._max_buffered_bytes
-        )
+        """Whether one more connection fits: room with the queued requests counted."""
+        return self._has_room(len(self._queued))
 
     def _has_room(self, extra: int = 0) -> bool:
-        """Whether ``extra`` more requests fit under ``max_pending``."""
-        return self._max_pending is None or len(self._in_flight) + extra < self._max_pending
+        """Whether one more request fits beside those in flight and ``extra`` more:
+        under ``max_pending``, and under the buffer bound (else a new request
+        waits in the queue, a new connection in the backlog, till slow readers
+        drain)."""
+        pending = len(self._in_flight) + extra
+        if self._max_pending is not None and pending >= self._max_pending:
+            return False
+        return self._max_buffered_bytes is None or self._buffer_has_room(pending)
+
+    def _buffer_has_room(self, pending: int) -> bool:
+        """Whether the bytes held, plus the replies ``pending`` requests will bring
+        (each counted as large as the largest reply of the last few seconds),
+        stay under the bound. With nothing held or pending, one request may go."""
+        bound = self._max_buffered_bytes
+        assert bound is not None
+        if self._held_bytes >= bound:
+            return False
+        if not pending:
+            return True
+        expected = self._large_reply_size if time.monotonic() < self._large_reply_until else 0
+        return self._held_bytes + pending * expected < bound
+
+    def _note_reply_size(self, size: int) -> None:
+        """Remember the largest reply of the last ``REPLY_SIZE_MEMORY_S`` seconds."""
+        now = time.monotonic()
+        if size >= self._large_reply_size or now >= self._large_reply_until:
+            self._large_reply_size = size
+            self._large_reply_until = now + REPLY_SIZE_MEMORY_S
 
     def _hold(self, conn: _Connection, size: int) -> None:
         """Record that ``size`` bytes are buffered for ``conn`` now."""
@@ -573,6 +602,8 @@ class IOLoop:
         conn.future = None
         conn.outgoing = outgoing
         self._hold(conn, len(outgoing))
+        if self._max_buffered_bytes is not None:
+            self._note_reply_size(len(outgoing))
         self._write(conn)
 
     def _fail(self, conn: _Connection, exc: BaseException) -> None:

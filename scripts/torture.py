@@ -1,10 +1,11 @@
 """Torture a RequestServer over loopback and check that it keeps its promises.
 
 Each scenario starts a fresh server in a child process (see
-``tests/torture_handlers.py``) in thread mode (``async_val=True``) or process
-mode (``workers=2``), attacks it from this process, and turns what it saw
-into one row of a table: the load, the faults injected, the requests lost
-and whether every figure met its bar (SPEC section 5)::
+``tests/torture_handlers.py``) in one of the modes of :data:`MODES`: sync
+thread mode, thread mode (``async_val=True``), process mode (``workers=2``)
+or executor mode (a loky pool of two), attacks it from this process, and
+turns what it saw into one row of a table: the load, the faults injected,
+the requests lost and whether every figure met its bar (SPEC section 5)::
 
     this process                                  server child process
     ────────────                                  ────────────────────
@@ -19,7 +20,13 @@ simultaneous connections), ``slow`` (silent and trickling clients beside a
 latency probe), ``garbage`` (bad bytes and bad socket manners beside good
 clients), ``stuck`` (handlers that never return), ``leak`` (handlers that
 leak memory) and ``soak`` (tens of thousands of requests, then the
-footprint must return to its baseline).
+footprint must return to its baseline) run in thread and process mode. The
+hostile part runs in every mode: ``faults`` (handlers that raise anything,
+``BaseException`` included, or return what cannot be sent), ``lifecycle``
+(a second ``start()``, ``run()`` while serving, a failed ``start()``...),
+``slowread`` (big replies read slowly but steadily, for several read
+timeouts, and at full speed) and ``noread`` (clients that ask for big
+replies and never read them: the buffer stays bounded).
 
 Every loop is capped in count and in time; everything is a multiple of one
 time unit (``--unit``, default ``$MPREQREP_TEST_TIMEOUT_UNIT`` or 1). The
@@ -59,10 +66,16 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))  # for tests.torture_handlers
 
 import mpreqrep  # noqa: E402
-from tests.torture_handlers import CRLF, MIB, reply_pid  # noqa: E402
+from tests.torture_handlers import ANSWERED_FAULTS, CRLF, FAULTS, MIB, reply_pid  # noqa: E402
 
 HOST = "127.0.0.1"
-MODES: dict[str, dict[str, Any]] = {"thread": {"async_val": True}, "process": {"workers": 2}}
+MODES: dict[str, dict[str, Any]] = {
+    "sync": {},
+    "thread": {"async_val": True},
+    "process": {"workers": 2},
+    "executor": {"executor": "loky"},  # built in the server child, see torture_handlers
+}
+CLASSIC_MODES = ("thread", "process")
 SERVER_BOOT = "import sys; from tests.torture_handlers import main; sys.exit(main(sys.argv[1:]))"
 RECV_CHUNK_SIZE = 65536
 
@@ -72,6 +85,16 @@ GARBAGE_READ_TIMEOUT_S = 1.0
 GARBAGE_MAX_REQUEST_SIZE = 65536
 STUCK_REQUEST_TIMEOUT_S = 1.0
 GOOD_CONCURRENCY = 4  # the good clients beside stuck, leaking or bad ones
+SMALL_RECEIVE_BUFFER = 65536  # slow and stalled readers: the server, not the kernel, holds
+NOREAD_GAP_S = 0.02  # between two clients that never read
+# A reply in flight may exist three times at once: as the pool's or executor's
+# bytes, as the handler's str, and as its encoding.
+COPIES_PER_REPLY = 3
+TCP_ENDED = frozenset({6, 7})  # TCP_INFO states TIME_WAIT and CLOSE
+# noread measures what the server holds through its RSS. glibc's default, a
+# dynamic mmap threshold, keeps freed multi-MiB blocks cached in every thread's
+# arena (RSS 2-3x the live bytes); a fixed threshold returns them to the system.
+FIXED_MMAP_THRESHOLD = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
 
 # Client settings, in seconds (times the unit, except the trickle period).
 CLIENT_TIMEOUT_S = 30.0
@@ -121,6 +144,21 @@ class Scale:
     max_worker_mib: int = 256
     soak_requests: int = 20000
     soak_concurrency: int = 32
+    fault_rounds: int = 5
+    fault_good_requests: int = 600
+    lifecycle_rounds: int = 3
+    lifecycle_good_requests: int = 600
+    slowread_readers: int = 4
+    slowread_mib: int = 8
+    slowread_mib_per_s: float = 2.0
+    slowread_read_timeout_s: float = 2.0
+    slowread_fast_requests: int = 8
+    slowread_good_requests: int = 600
+    noread_clients: int = 40
+    noread_mib: int = 20
+    noread_max_buffered_mib: int = 64
+    noread_read_timeout_s: float = 1.0
+    noread_good_requests: int = 200
 
 
 FULL = Scale()
@@ -136,6 +174,17 @@ QUICK = Scale(
     leak_requests=8,
     leak_good_requests=300,
     soak_requests=4000,
+    fault_rounds=2,
+    fault_good_requests=300,
+    lifecycle_rounds=2,
+    lifecycle_good_requests=300,
+    slowread_readers=2,
+    slowread_fast_requests=4,
+    slowread_good_requests=300,
+    noread_clients=20,
+    noread_mib=8,
+    noread_max_buffered_mib=16,
+    noread_good_requests=100,
 )
 
 
@@ -257,8 +306,9 @@ class ServerProcess:
     """A :class:`~tests.torture_handlers.TortureServer` in a child process.
 
     Args:
-        mode: ``"thread"`` or ``"process"``, see :data:`MODES`.
+        mode: one of :data:`MODES`.
         unit: the time unit, for the start and stop timeouts.
+        environment: variables to add to the child's environment.
         options: further keyword arguments for the server.
 
     Raises:
@@ -268,7 +318,9 @@ class ServerProcess:
     child and its descendants (by pid) if they do not stop in time.
     """
 
-    def __init__(self, mode: str, unit: float, **options: Any) -> None:
+    def __init__(
+        self, mode: str, unit: float, *, environment: dict[str, str] | None = None, **options: Any
+    ) -> None:
         self._unit = unit
         self._log: IO[bytes] = tempfile.TemporaryFile()  # noqa: SIM115 - see close()
         python_path = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
@@ -278,7 +330,7 @@ class ServerProcess:
             stdout=subprocess.PIPE,
             stderr=self._log,
             cwd=REPO_ROOT,
-            env={**os.environ, "PYTHONPATH": python_path},
+            env={**os.environ, **(environment or {}), "PYTHONPATH": python_path},
             text=True,
         )
         try:
@@ -295,6 +347,20 @@ class ServerProcess:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+    def ask(self, line: str) -> dict[str, Any]:
+        """Send one control line (say ``"misuse"``) and read the child's answer.
+
+        Raises:
+            ServerError: no answer in time.
+        """
+        assert self._popen.stdin is not None
+        try:
+            self._popen.stdin.write(line + "\n")
+            self._popen.stdin.flush()
+        except BrokenPipeError:
+            raise ServerError(f"the server child is gone:\n{self.log_tail()}") from None
+        return self._read_line(SETTLE_TIMEOUT_S * self._unit)
 
     def stop(self) -> dict[str, Any]:
         """Stop the server and wait for the child to exit.
@@ -1161,6 +1227,320 @@ def soak(mode: str, scale: Scale) -> Result:
     )
 
 
+# -- hostile handlers: faults in every mode -------------------------------------------------
+
+
+def fault_kept_its_promise(outcome: Outcome) -> bool:
+    """A faulty handler's client gets ``""``; a str subclass is a valid reply."""
+    if outcome.request.split()[1] in ANSWERED_FAULTS:
+        return outcome.pid is not None
+    return outcome.reply == ""
+
+
+def faults(mode: str, scale: Scale) -> Result:
+    """Handlers that raise anything (``BaseException`` included) or return what
+    cannot be sent, beside good clients: each costs only its own reply."""
+    unit = scale.unit
+    kinds = list(FAULTS) * scale.fault_rounds
+    bad = [f"fault {kind}" for kind in kinds]
+    with ServerProcess(mode, unit) as server:
+        faulty, good = beside_good_load(
+            server, bad, scale.fault_good_requests, unit, scale.phase_cap_s * unit
+        )
+        after = send_one(server.address, "after", CLIENT_TIMEOUT_S * unit)
+        failed = server.stop()["failed"]
+    wrong = [outcome.request for outcome in faulty if not fault_kept_its_promise(outcome)]
+    expected_failed = sum(1 for kind in kinds if kind not in ANSWERED_FAULTS)
+    lost = count_lost([*good, after]) + len(wrong)
+    problems = [f"{len(wrong)} faulty requests not answered as promised"] if wrong else []
+    if failed != expected_failed:
+        problems.append(f"the server counted {failed} failures, not {expected_failed}")
+    if lost:
+        problems.append(f"lost: {loss_kinds([*good, after])}")
+    return Result(
+        "faults",
+        mode,
+        f"{len(good)} good requests, {GOOD_CONCURRENCY} concurrent",
+        f"{len(bad)} faulty handlers: {', '.join(FAULTS)}",
+        lost,
+        passed=not problems,
+        notes="; ".join(problems)
+        or f"{expected_failed} got '' and were counted failed, the str subclasses were "
+        f"answered; good p99 {p99(good) * 1000:.0f} ms; the next request answered",
+    )
+
+
+# -- life-cycle misuse ----------------------------------------------------------------------
+
+LIFECYCLE_EXPECTED = {
+    "second start()": "RuntimeError",
+    "run() while serving": "RuntimeError",
+    "second server on the port": "OSError",
+    "stats() from another thread": "ok",
+    "start() after run() returned": "RuntimeError",
+}
+FAILED_START_EXPECTED = {
+    "start() that fails": "PoolStartError",
+    "client after a failed start()": "NoServerError",
+}
+
+
+def lifecycle(mode: str, scale: Scale) -> Result:
+    """Misuse the server's life cycle while good clients are served: every misuse
+    raises what ``threading.Thread`` would, and no good request is lost."""
+    unit = scale.unit
+    expected = {**LIFECYCLE_EXPECTED, **(FAILED_START_EXPECTED if mode == "process" else {})}
+    good = [f"l{i}" for i in range(scale.lifecycle_good_requests)]
+    with ServerProcess(mode, unit) as server, ThreadPoolExecutor(1) as side:
+        load = side.submit(
+            run_load,
+            server.address,
+            good,
+            concurrency=GOOD_CONCURRENCY,
+            timeout_s=CLIENT_TIMEOUT_S * unit,
+            cap_s=scale.phase_cap_s * unit,
+        )
+        seen = [server.ask("misuse")["misuse"] for _ in range(scale.lifecycle_rounds)]
+        outcomes = load.result()
+        outcomes.append(send_one(server.address, "after", CLIENT_TIMEOUT_S * unit))
+        server.stop()
+    wrong = sorted(
+        {f"{name}: {got}" for run in seen for name, got in run.items() if expected.get(name) != got}
+        | {f"{name}: not tried" for run in seen for name in expected if name not in run}
+    )
+    lost = count_lost(outcomes)
+    problems = [f"misuse not refused as promised: {', '.join(wrong)}"] if wrong else []
+    if lost:
+        problems.append(f"lost: {loss_kinds(outcomes)}")
+    return Result(
+        "lifecycle",
+        mode,
+        f"{len(outcomes)} good requests, {GOOD_CONCURRENCY} concurrent",
+        f"{scale.lifecycle_rounds} rounds of: {', '.join(expected)}",
+        lost,
+        passed=not problems,
+        notes="; ".join(problems)
+        or "each misuse refused as threading.Thread would ("
+        + ", ".join(sorted(set(expected.values()) - {"ok"}))
+        + "); the server served on",
+    )
+
+
+# -- slow steady readers and big replies ----------------------------------------------------
+
+
+def small_window_connection(port: int, unit: float) -> socket.socket:
+    """A connection with a small receive buffer, so that the server holds the reply."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SMALL_RECEIVE_BUFFER)  # before connect
+    sock.settimeout(CLIENT_TIMEOUT_S * unit)
+    sock.connect((HOST, port))
+    return sock
+
+
+def read_paced(port: int, request: bytes, bytes_per_s: float, unit: float) -> tuple[bytes, float]:
+    """Send ``request``, then read until the server closes, at about ``bytes_per_s``.
+
+    Returns:
+        What came (``b""`` if the server reset the connection: a reply cut
+        short is no reply) and the seconds the reading took.
+    """
+    with small_window_connection(port, unit) as sock:
+        sock.sendall(request)
+        sock.shutdown(socket.SHUT_WR)
+        received = bytearray()
+        started = time.monotonic()
+        try:
+            while chunk := sock.recv(RECV_CHUNK_SIZE):
+                received += chunk
+                ahead_s = started + len(received) / bytes_per_s - time.monotonic()
+                if ahead_s > 0:
+                    time.sleep(ahead_s)  # the reader's pace, not a synchronisation
+        except (ConnectionResetError, TimeoutError):
+            received = bytearray()
+        return bytes(received), time.monotonic() - started
+
+
+def is_big_reply(data: bytes | str, size: int) -> bool:
+    """Whether ``data`` is a whole ``big <size>`` reply: pid, space, size b's, CRLF."""
+    raw = data.encode() if isinstance(data, str) else data
+    head, _, body = raw.partition(b" ")
+    return head.isdigit() and body == b"b" * size + b"\r\n"
+
+
+def slowread(mode: str, scale: Scale) -> Result:
+    """Clients that read big replies slowly but steadily, for several read
+    timeouts each, and clients that read big replies at full speed, beside
+    good clients: every reply arrives whole."""
+    unit = scale.unit
+    size = scale.slowread_mib * MIB
+    rate = scale.slowread_mib_per_s * MIB / unit
+    read_timeout = scale.slowread_read_timeout_s * unit
+    request = f"big {size}\r\n".encode()
+    readers = scale.slowread_readers
+    with (
+        ServerProcess(mode, unit, read_timeout=read_timeout) as server,
+        ThreadPoolExecutor(readers + 1) as side,
+    ):
+        slow = [side.submit(read_paced, server.port, request, rate, unit) for _ in range(readers)]
+        fast = side.submit(
+            run_load,
+            server.address,
+            [f"big {size}"] * scale.slowread_fast_requests,
+            concurrency=2,
+            timeout_s=CLIENT_TIMEOUT_S * unit,
+            cap_s=scale.phase_cap_s * unit,
+        )
+        good = run_load(
+            server.address,
+            [f"r{i}" for i in range(scale.slowread_good_requests)],
+            concurrency=GOOD_CONCURRENCY,
+            timeout_s=CLIENT_TIMEOUT_S * unit,
+            cap_s=scale.phase_cap_s * unit,
+        )
+        readings = [future.result() for future in slow]
+        fast_outcomes = fast.result()
+        server.stop()
+    seconds = [took for _, took in readings]
+    cut = sum(1 for data, _ in readings if not is_big_reply(data, size))
+    fast_cut = sum(1 for outcome in fast_outcomes if not is_big_reply(outcome.reply or "", size))
+    lost = cut + fast_cut + count_lost(good)
+    return Result(
+        "slowread",
+        mode,
+        f"{len(good)} good requests, {GOOD_CONCURRENCY} concurrent; "
+        f"{len(fast_outcomes)} {scale.slowread_mib} MiB replies read at full speed",
+        f"{readers} clients reading {scale.slowread_mib} MiB replies at "
+        f"{scale.slowread_mib_per_s:g} MiB/s (read_timeout {read_timeout:g} s)",
+        lost,
+        passed=lost == 0 and min(seconds) > read_timeout,
+        notes=f"{readers - cut}/{readers} slow replies whole, in {min(seconds):.1f}-"
+        f"{max(seconds):.1f} s each; {len(fast_outcomes) - fast_cut}/{len(fast_outcomes)} "
+        "fast ones whole" + (f"; lost: {loss_kinds(good)}" if count_lost(good) else ""),
+    )
+
+
+# -- clients that never read ----------------------------------------------------------------
+
+
+def ask_and_never_read(port: int, size: int, unit: float) -> socket.socket:
+    """Ask for a ``size``-byte reply through a small window, and never read it."""
+    sock = small_window_connection(port, unit)
+    sock.sendall(f"big {size}\r\n".encode())
+    sock.shutdown(socket.SHUT_WR)
+    return sock
+
+
+def tcp_state(sock: socket.socket) -> int:
+    """The kernel's TCP state of ``sock`` (Linux ``TCP_INFO``), see ``TCP_ENDED``."""
+    return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
+
+
+def ends_with_reset(sock: socket.socket, unit: float) -> bool:
+    """Read what the kernel holds: a dropped reply must end in a reset, not an EOF."""
+    sock.settimeout(CLIENT_TIMEOUT_S * unit)
+    try:
+        while sock.recv(RECV_CHUNK_SIZE):
+            pass
+    except ConnectionResetError:
+        return True
+    return False
+
+
+class PeakRss:
+    """Samples a process's RSS in a thread until the block ends; keeps the largest."""
+
+    def __init__(self, process: psutil.Process) -> None:
+        self._process = process
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="torture-rss", daemon=True)
+        self.peak = 0
+
+    def __enter__(self) -> PeakRss:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(POLL_INTERVAL_S):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                self.peak = max(self.peak, self._process.memory_info().rss)
+
+
+def noread(mode: str, scale: Scale) -> Result:
+    """Clients that ask for big replies and never read them, beside good clients:
+    the server's buffer stays bounded, each such client is dropped with a reset
+    once it made no progress for the read timeout, and good clients are served."""
+    unit = scale.unit
+    size = scale.noread_mib * MIB
+    bound = scale.noread_max_buffered_mib * MIB
+    read_timeout = scale.noread_read_timeout_s * unit
+    options = {"read_timeout": read_timeout, "max_buffered_bytes": bound}
+    with (
+        ServerProcess(mode, unit, environment=FIXED_MMAP_THRESHOLD, **options) as server,
+        ThreadPoolExecutor(1) as side,
+    ):
+        # One big reply read as usual first: the server sizes the replies in
+        # flight by the largest recent one (before any, only max_pending bounds them).
+        warm_up = send_one(server.address, f"big {size}", CLIENT_TIMEOUT_S * unit)
+        baseline = server.footprint().rss
+        stalled: list[socket.socket] = []
+        try:
+            with PeakRss(server.process) as rss:
+                load = side.submit(
+                    run_load,
+                    server.address,
+                    [f"n{i}" for i in range(scale.noread_good_requests)],
+                    concurrency=GOOD_CONCURRENCY,
+                    timeout_s=CLIENT_TIMEOUT_S * unit,
+                    cap_s=scale.phase_cap_s * unit,
+                )
+                for _ in range(scale.noread_clients):
+                    stalled.append(ask_and_never_read(server.port, size, unit))
+                    time.sleep(NOREAD_GAP_S)  # the clients' pace, not a synchronisation
+                good = load.result()
+                all_dropped = wait_until(
+                    lambda: all(tcp_state(sock) in TCP_ENDED for sock in stalled),
+                    scale.phase_cap_s * unit,
+                )
+            resets = sum(1 for sock in stalled if ends_with_reset(sock, unit))
+        finally:
+            for sock in stalled:
+                sock.close()
+        server.stop()
+    # The bound, plus the replies let in flight under it (the server counts each
+    # as large as the last big one), each in all its copies: but not one more
+    # reply per client, whatever the number of clients.
+    in_flight = bound // size + 1
+    bar = baseline + bound + COPIES_PER_REPLY * in_flight * size + RSS_SLACK
+    grown = (rss.peak - baseline) / MIB
+    lost = count_lost(good) + (0 if is_big_reply(warm_up.reply or "", size) else 1)
+    problems = [] if all_dropped else ["a client that never read was never dropped"]
+    if resets < len(stalled):
+        problems.append(f"{len(stalled) - resets} dropped replies ended in a clean EOF")
+    if rss.peak > bar:
+        problems.append(f"the server's RSS grew {grown:.0f} MiB (bar {(bar - baseline) / MIB:.0f})")
+    if lost:
+        problems.append(f"lost: {loss_kinds(good)}")
+    return Result(
+        "noread",
+        mode,
+        f"{len(good)} good requests, {GOOD_CONCURRENCY} concurrent",
+        f"{len(stalled)} clients asking for {scale.noread_mib} MiB replies and never reading "
+        f"(max_buffered_bytes {scale.noread_max_buffered_mib} MiB, "
+        f"read_timeout {read_timeout:g} s)",
+        lost,
+        passed=not problems,
+        notes="; ".join(problems)
+        or f"peak RSS {grown:.0f} MiB over its baseline (bar {(bar - baseline) / MIB:.0f}; "
+        f"unbounded it would hold {len(stalled) * scale.noread_mib} MiB); {resets}/{len(stalled)} "
+        f"dropped with a reset; good p99 {p99(good) * 1000:.0f} ms",
+    )
+
+
 # -- running --------------------------------------------------------------------------------
 
 SCENARIOS: dict[str, Callable[[str, Scale], Result]] = {
@@ -1171,7 +1551,15 @@ SCENARIOS: dict[str, Callable[[str, Scale], Result]] = {
     "stuck": stuck,
     "leak": leak,
     "soak": soak,
+    "faults": faults,
+    "lifecycle": lifecycle,
+    "slowread": slowread,
+    "noread": noread,
 }
+# The modes each scenario runs in: the hostile ones in every mode.
+SCENARIO_MODES: dict[str, tuple[str, ...]] = {
+    name: CLASSIC_MODES for name in ("chaos", "flood", "slow", "garbage", "stuck", "leak", "soak")
+} | {name: tuple(MODES) for name in ("faults", "lifecycle", "slowread", "noread")}
 
 
 def run_scenario(name: str, mode: str, scale: Scale) -> Result:
@@ -1205,7 +1593,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         nargs="+",
         choices=list(MODES),
         default=list(MODES),
-        help="server modes: thread (async_val=True) and process (workers=2); default both",
+        help="server modes: sync, thread (async_val=True), process (workers=2) and executor "
+        "(a loky pool); default all, each scenario in the modes it applies to",
     )
     parser.add_argument("--markdown", type=Path, metavar="PATH", help="write the table here")
     parser.add_argument("--seed", type=int, default=FULL.seed, help="seed of the random faults")
@@ -1221,7 +1610,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def run_all(names: Sequence[str], modes: Sequence[str], scale: Scale) -> Iterator[Result]:
     """Run each scenario against each mode, saying on stderr what runs now."""
     for name in names:
-        for mode in modes:
+        for mode in (mode for mode in modes if mode in SCENARIO_MODES[name]):
             print(f"torture: {name} / {mode} ...", file=sys.stderr, flush=True)
             result = run_scenario(name, mode, scale)
             print(f"torture: {name} / {mode}: {result.verdict}", file=sys.stderr, flush=True)

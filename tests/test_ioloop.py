@@ -424,3 +424,34 @@ def test_a_failing_reader_callback_is_logged_and_the_loop_goes_on(
     loop.call_soon(lambda: loop.remove_reader(reader))
     reader.close()
     writer.close()
+
+
+def test_requests_in_flight_count_as_large_as_the_last_large_reply(serving: list[IOLoop]) -> None:
+    listener = socket.create_server(("127.0.0.1", 0), backlog=64)
+    dispatcher = ManualDispatcher()
+    loop = start_loop(serving, listener, dispatcher, max_buffered_bytes=100_000)
+    address = f"localhost:{listener.getsockname()[1]}"
+    replies: list[str | None] = []
+
+    def ask(text: str) -> threading.Thread:
+        thread = threading.Thread(
+            target=lambda: replies.append(mpreqrep.do_request(address, text, 20 * UNIT))
+        )
+        thread.start()
+        return thread
+
+    first = ask("large")
+    assert wait_until(lambda: len(dispatcher.futures) == 1, 10 * UNIT)
+    dispatcher.futures[0][1].set_result("a" * 300_000)  # read at once, in full
+    first.join(10 * UNIT)
+    assert loop.buffered_bytes == 0
+    second, third = ask("b"), ask("c")
+    assert wait_until(lambda: len(dispatcher.futures) == 2, 10 * UNIT)
+    # One in flight may bring 300 kB: past the bound, so the other one waits.
+    assert not wait_until(lambda: len(dispatcher.futures) > 2, 0.3 * UNIT)
+    dispatcher.futures[1][1].set_result("small")
+    assert wait_until(lambda: len(dispatcher.futures) == 3, 10 * UNIT)
+    dispatcher.futures[2][1].set_result("small")
+    second.join(10 * UNIT)
+    third.join(10 * UNIT)
+    assert sorted(replies, key=len) == ["small\r\n", "small\r\n", "a" * 300_000 + "\r\n"]
