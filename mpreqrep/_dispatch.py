@@ -10,7 +10,7 @@ process pool or on a cluster::
         └──────── done callback (reply text or exception) ◀─────┘
 
 This module uses the standard library (and ``_threads``) only; the loky pool
-lives in ``_pool.py``.
+lives in ``_pool/``.
 """
 
 from __future__ import annotations

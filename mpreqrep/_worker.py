@@ -1,16 +1,32 @@
 """The worker-process side of process mode: load the handler once, serve a channel.
 
-loky runs :func:`init_worker` once per (re)spawned process and then, as one
-long task, :func:`serve_channel`: it connects to the parent, says hello, and
-answers the requests the parent writes to it, one reply frame per request, in
-order, until the parent closes the channel. So a request costs two socket
-writes and no loky round trip, and the parent always knows what a worker is
-running: the oldest request it sent there and has no reply for.
+loky's process context starts each worker with :func:`worker_main` as its
+target. The worker first connects a *lifeline* to the parent and watches it
+from a thread, then loads the handler, then connects its *channel*, says
+hello and answers the requests the parent writes to it, one reply frame per
+request, in order, until the parent closes the channel::
 
-A worker whose RSS reaches the memory cap says it is retiring, serves what
-the parent had already sent, and ends its task when the parent closes the
-channel; :class:`_RecycleHook` then makes loky's between-task memory check
-replace the process through loky's clean exit handshake.
+    parent (server process)                         worker process
+    -----------------------                         --------------
+    listener ◀── lifeline: token + Lifeline(pid) ── watchdog thread: recv()
+                                                      EOF = the parent died:
+                                                      remove the socket
+                                                      directory, os._exit
+             ◀── channel: token + Hello(pid) ────── main thread, after loading
+    [(id, text), ...] ──▶                             handle_request, in order
+             ◀── Outcome(id, reply | error) ────────
+    close ──▶                                        EOF: return (process exits)
+
+So a request costs two socket writes, and the parent always knows what a
+worker is running: the oldest request it sent there and has no reply for.
+A worker that cannot load the handler says why (:class:`InitFailed`) on a
+connection of its own and exits with status 1, printing nothing.
+
+A worker whose RSS reaches the memory cap says it is retiring before its
+next reply, serves what the parent had already sent, and exits when the
+parent closes the channel. Whatever a handler raises, ``BaseException``
+included, and a reply that is not encodable text, become that request's
+error; the worker keeps serving.
 """
 
 from __future__ import annotations
@@ -18,23 +34,27 @@ from __future__ import annotations
 import contextlib
 import os
 import pickle
+import shutil
 import signal
+import socket
+import threading
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import psutil
-from loky import process_executor as loky_executor
 from loky.backend.reduction import dumps as loky_dumps
 
 from ._channel import RECV_CHUNK_SIZE, Address, FrameReader, connect, encode_frame, frame_of
 from ._dispatch import Handler, run_handler
 
-_ALWAYS_RECYCLE = 1 << 62
-"""What :class:`_RecycleHook` reports for a retiring worker: past any leak limit."""
-_CHECK_EVERY_TASK_S = -1.0
-"""Makes loky's memory check, throttled to once per this many seconds, run every task."""
+EXIT_INIT_FAILED = 1
+"""Exit status of a worker that could not load the handler."""
+
+EXIT_ORPHANED = 70
+"""Exit status of a worker whose parent died."""
 
 
 class Outcome(NamedTuple):
@@ -47,18 +67,23 @@ class Outcome(NamedTuple):
     elapsed_s: float = 0.0
 
 
-class Hello(NamedTuple):
-    """A worker's first message on a new channel (after the pool's token)."""
+class Lifeline(NamedTuple):
+    """A worker's first connection, which it watches for the parent's death."""
 
     pid: int
-    generation: int
+
+
+class Hello(NamedTuple):
+    """The first message on a worker's channel: it loaded the handler."""
+
+    pid: int
 
 
 class InitFailed(NamedTuple):
-    """Sent on a channel of its own by a worker that could not load the handler."""
+    """Sent on a connection of its own by a worker that could not load the handler."""
 
     pid: int
-    generation: int
+    summary: str
     traceback: str
 
 
@@ -68,14 +93,19 @@ class Retiring(NamedTuple):
     pid: int
 
 
+class ReplyEncodingError(ValueError):
+    """``handle_request`` returned text that cannot be encoded as UTF-8."""
+
+
+class HandlerBaseException(RuntimeError):
+    """``handle_request`` raised a ``BaseException`` that is not an ``Exception``."""
+
+
 @dataclass
 class _WorkerState:
-    """This worker process's handler copy and how to reach the parent."""
+    """This worker process's handler copy and its memory cap."""
 
     handler: Handler
-    address: Address
-    token: str
-    generation: int
     max_rss: int | None
     process: psutil.Process
     retiring: bool = False
@@ -85,112 +115,104 @@ class _WorkerState:
         started = time.perf_counter()
         try:
             reply = run_handler(self.handler, request)
+            # An exact str: a subclass might not unpickle in the parent.
+            reply = str.__str__(reply)
+            if not reply.isascii():
+                _check_encodable(reply)
         except BaseException as exc:  # the parent logs it when it fails the future
             return failed_outcome(request_id, exc)
-        # An exact str: a subclass might not unpickle in the parent.
-        return Outcome(request_id, str.__str__(reply), elapsed_s=time.perf_counter() - started)
+        return Outcome(request_id, reply, elapsed_s=time.perf_counter() - started)
 
     def outgrew_memory_cap(self) -> bool:
         """Whether the RSS has reached ``max_rss`` (never without a cap)."""
         return self.max_rss is not None and self.process.memory_info().rss >= self.max_rss
 
+    def serve_channel(self, sock: socket.socket) -> None:
+        """Answer the requests framed on ``sock`` in order, until the parent closes it
+        (or resets it: the parent is shutting down or gone)."""
+        pid = os.getpid()
+        reader = FrameReader()
+        with contextlib.suppress(ConnectionError):
+            while data := sock.recv(RECV_CHUNK_SIZE):
+                for payload in reader.feed(data):
+                    for request_id, text in pickle.loads(payload):
+                        reply = _encode_outcome(self.serve(request_id, text))
+                        if not self.retiring and self.outgrew_memory_cap():
+                            # Before the reply, so the parent sends nothing more here
+                            # once this request is answered.
+                            self.retiring = True
+                            reply = encode_frame(Retiring(pid)) + reply
+                        sock.sendall(reply)
 
-_worker: _WorkerState | None = None
 
-
-def init_worker(
-    payload: bytes, address: Address, token: str, generation: int, max_rss: int | None
-) -> None:
-    """Load this worker's handler copy; loky runs this once per (re)spawned worker.
+def worker_main(payload: bytes, address: Address, token: str, max_rss: int | None) -> None:
+    """A worker process's life: lifeline, load the handler, serve the channel.
 
     Args:
         payload: the pickled handler, made once by the parent.
         address: the parent's channel listener.
-        token: the secret a hello must carry, so only the pool's workers count.
-        generation: the pool this worker belongs to (a new one after a break).
-        max_rss: RSS in bytes past which the worker is recycled, or ``None``.
+        token: the secret every first frame carries, so only the pool's
+            workers count.
+        max_rss: RSS in bytes past which the worker retires, or ``None``.
 
     Raises:
-        Exception: whatever unpickling raised, after telling the parent why
-            (loky then marks the pool broken).
+        SystemExit: the handler could not be loaded (status
+            :data:`EXIT_INIT_FAILED`, after telling the parent why).
     """
-    global _worker
     # Ctrl-C in a terminal signals the whole process group; the parent drains
     # in-flight requests, so a worker must not die of it mid-request.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    pid = os.getpid()
+    lifeline = connect(address)
+    lifeline.sendall(introduction(token, Lifeline(pid)))
+    threading.Thread(
+        target=watch_lifeline, args=(lifeline, address), name="mpreqrep-lifeline", daemon=True
+    ).start()
     try:
         handler = pickle.loads(payload)
-    except BaseException:
-        text = traceback.format_exc()
+    except BaseException as exc:
+        summary = " ".join(traceback.format_exception_only(type(exc), exc)[-1].split())
         with connect(address) as sock:
-            sock.sendall(_introduction(token, InitFailed(os.getpid(), generation, text)))
-        raise
-    _worker = _WorkerState(handler, address, token, generation, max_rss, psutil.Process())
-    if max_rss is not None:
-        loky_executor._get_memory_usage = _RecycleHook(_worker)
-        loky_executor._MEMORY_LEAK_CHECK_DELAY = _CHECK_EVERY_TASK_S
-        loky_executor._MAX_MEMORY_LEAK_SIZE = 1
+            sock.sendall(introduction(token, InitFailed(pid, summary, traceback.format_exc())))
+        raise SystemExit(EXIT_INIT_FAILED) from None
+    worker = _WorkerState(handler, max_rss, psutil.Process())
+    with connect(address) as sock:
+        sock.sendall(introduction(token, Hello(pid)))
+        worker.serve_channel(sock)
 
 
-def serve_channel() -> tuple[int, bool]:
-    """The loky task: serve one channel until the parent closes it.
+def watch_lifeline(
+    lifeline: socket.socket, address: Address, exit_now: Callable[[int], object] = os._exit
+) -> None:
+    """Block on the lifeline; when it ends, the parent is gone: clean up and exit now.
 
-    Returns:
-        This worker's pid and whether it is retiring (then loky replaces it).
+    The parent never writes to it and closes it only once this process is
+    reaped, so its end of stream means that the parent died (even of
+    SIGKILL: the kernel closes its sockets), whatever this process is busy
+    with. The socket directory is removed, as its owner no longer can.
     """
-    worker = _worker
-    assert worker is not None, "serve_channel runs only in workers set up by init_worker"
-    pid = os.getpid()
-    if worker.retiring:  # end at once: loky's memory check recycles this process
-        return pid, True
-    reader = FrameReader()
-    with connect(worker.address) as sock, contextlib.suppress(ConnectionError):
-        # ConnectionError: the parent closed the channel first (it shuts down).
-        sock.sendall(_introduction(worker.token, Hello(pid, worker.generation)))
-        while data := sock.recv(RECV_CHUNK_SIZE):
-            for payload in reader.feed(data):
-                for request_id, text in pickle.loads(payload):
-                    reply = _encode_outcome(worker.serve(request_id, text))
-                    if not worker.retiring and worker.outgrew_memory_cap():
-                        # Before the reply, so the parent sends nothing more here
-                        # once this request is answered.
-                        worker.retiring = True
-                        reply = encode_frame(Retiring(pid)) + reply
-                    sock.sendall(reply)
-    return pid, worker.retiring
+    try:
+        while lifeline.recv(RECV_CHUNK_SIZE):
+            pass
+    except OSError:
+        pass
+    if isinstance(address, str):
+        shutil.rmtree(os.path.dirname(address), ignore_errors=True)
+    exit_now(EXIT_ORPHANED)
 
 
-def _introduction(token: str, message: Hello | InitFailed) -> bytes:
-    """A channel's first frame: the pool's token, then the message (the parent
+def introduction(token: str, message: Lifeline | Hello | InitFailed) -> bytes:
+    """A connection's first frame: the pool's token, then the message (the parent
     unpickles nothing from a peer that does not know the token)."""
     return frame_of(token.encode() + pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
 
 
-class _RecycleHook:
-    """Stands in for loky's worker memory probe so that its leak check recycles
-    exactly the retiring workers.
-
-    After every task (the throttle is set below zero), loky's worker loop
-    compares the probe's reading with the one taken after the worker's first
-    task and, when the growth reaches ``_MAX_MEMORY_LEAK_SIZE`` (set to 1),
-    leaves through loky's clean exit handshake; loky then spawns a
-    replacement. The first reading is 0; later ones are 0, or past any limit
-    once the worker is retiring. A worker whose first task was its retiring
-    channel only takes the reference then: the parent's next channel task
-    reaches it, ends at once, and the check after it recycles the process.
-    """
-
-    def __init__(self, worker: _WorkerState) -> None:
-        self._worker = worker
-        self._reference_taken = False
-
-    def __call__(self, pid: int, force_gc: bool = False) -> int:
-        """0, or a reading past any limit when the worker is retiring (no memory is
-        read, so ``force_gc`` has nothing to free)."""
-        if not self._reference_taken:
-            self._reference_taken = True
-            return 0
-        return _ALWAYS_RECYCLE if self._worker.retiring else 0
+def _check_encodable(reply: str) -> None:
+    """Raise :class:`ReplyEncodingError` unless ``reply`` encodes as UTF-8."""
+    try:
+        reply.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ReplyEncodingError(f"the reply cannot be encoded as UTF-8: {exc}") from exc
 
 
 def _encode_outcome(outcome: Outcome) -> bytes:
@@ -206,11 +228,14 @@ def failed_outcome(request_id: int, exc: BaseException) -> Outcome:
     return Outcome(request_id, error=_portable(exc), traceback=text)
 
 
-def _portable(exc: BaseException) -> BaseException:
-    """``exc`` if it survives a pickle round trip, else a RuntimeError naming it."""
+def _portable(exc: BaseException) -> Exception:
+    """``exc`` if it is an ``Exception`` that survives a pickle round trip, else a
+    RuntimeError naming it (a ``SystemExit`` must not stop the parent's loop)."""
+    summary = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+    if not isinstance(exc, Exception):
+        return HandlerBaseException(f"handle_request raised {summary}")
     try:
         pickle.loads(loky_dumps(exc))
     except Exception:  # the error is still reported, as text
-        summary = "".join(traceback.format_exception_only(type(exc), exc)).strip()
         return RuntimeError(f"unpicklable handler error: {summary}")
     return exc

@@ -74,7 +74,10 @@ class Commands:
       and hangs;
     - ``kill-siblings`` kills the other loky workers of the same parent, then hangs;
     - ``grow:mb`` keeps ``mb`` more megabytes alive and replies the pid;
-    - ``touch:path`` creates ``path`` and replies ``done``.
+    - ``touch:path`` creates ``path`` and replies ``done``;
+    - ``base:name`` raises the ``BaseException`` named (``SystemExit``,
+      ``KeyboardInterrupt``, ``GeneratorExit``, ``Custom``);
+    - ``surrogate`` returns text that cannot be encoded as UTF-8.
     """
 
     def __init__(self) -> None:
@@ -133,6 +136,47 @@ class Commands:
     def do_touch(self, argument: str) -> str:
         Path(argument).touch()
         return "done"
+
+    def do_base(self, argument: str) -> str:
+        raise {
+            "SystemExit": SystemExit(3),
+            "KeyboardInterrupt": KeyboardInterrupt(),
+            "GeneratorExit": GeneratorExit(),
+            "Custom": CustomBaseError("custom"),
+        }[argument]
+
+    def do_surrogate(self, argument: str) -> str:
+        return "lone \udc80 surrogate"
+
+
+class CustomBaseError(BaseException):
+    """A user's ``BaseException`` subclass, outside the ``Exception`` tree."""
+
+
+class Ledger(Commands):
+    """:class:`Commands` that first append ``tag`` of ``tag/command`` to a file.
+
+    Each run of a request leaves one line, so a request that ran twice shows.
+    With ``load_delay_s``, loading a copy in a worker takes that long (as a
+    module that imports numpy or a model would).
+    """
+
+    def __init__(self, path: str, load_delay_s: float = 0.0) -> None:
+        super().__init__()
+        self.path = path
+        self.load_delay_s = load_delay_s
+        self.parent_pid = os.getpid()
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        if os.getpid() != self.parent_pid:
+            time.sleep(self.load_delay_s)
+
+    def handle_request(self, request: str) -> Any:
+        tag, _, command = request.strip().partition("/")
+        with open(self.path, "a") as ledger:
+            ledger.write(tag + "\n")
+        return super().handle_request(command)
 
 
 class _Shouting(str):

@@ -1,49 +1,45 @@
-"""The process-pool dispatcher, driven directly through submit() and futures (no sockets)."""
+"""Process mode's dispatcher with real loky-started workers: start-up, faults, recycling."""
 
 from __future__ import annotations
 
 import os
-import pickle
+import random
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
-from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
 
 import psutil
 import pytest
-from loky import process_executor as loky_executor
 
-from mpreqrep import _pool, _worker
-from mpreqrep._channel import FrameReader, Listener, encode_frame
 from mpreqrep._errors import HandlerReturnTypeError
 from mpreqrep._pool import (
     HandlerTimeoutError,
     PoolStartError,
     ProcessPoolDispatcher,
     WorkerCrashError,
+    WorkerStartError,
+    _dispatcher,
+    _supervisor,
     resolve_worker_count,
 )
+from mpreqrep._worker import Outcome
 
 from .conftest import UNIT, wait_until
-from .pool_handlers import Commands, Counting, Echo, FailsToLoad, Unpicklable
+from .pool_handlers import Commands, Counting, Echo, FailsToLoad, Ledger, Unpicklable
 
 pytestmark = pytest.mark.timeout(90 * UNIT)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 MakeDispatcher = Callable[..., ProcessPoolDispatcher]
-
-# loky warns once per pool when it replaces a worker while work is queued; its text
-# speaks of its own default leak limit, not of max_worker_memory.
-loky_recycling_warning = pytest.mark.filterwarnings("ignore:A worker was restarted:UserWarning")
 
 
 def alive(pid: int) -> bool:
@@ -58,7 +54,7 @@ def worker_pids(dispatcher: ProcessPoolDispatcher) -> set[int]:
     return {worker["pid"] for worker in dispatcher.stats()["workers"]}
 
 
-def loky_children() -> set[int]:
+def children() -> set[int]:
     """Live children of this process, loky's resource trackers excepted."""
     pids = set()
     for child in psutil.Process().children(recursive=True):
@@ -76,6 +72,11 @@ def outcome(future: Future[str], timeout: float = 30 * UNIT) -> str | BaseExcept
         return future.result(timeout=timeout)
     except Exception as exc:
         return exc
+
+
+def ledger_runs(path: Path) -> Counter[str]:
+    """How often each tag ran, from a :class:`Ledger` file."""
+    return Counter(path.read_text().split()) if path.exists() else Counter()
 
 
 @pytest.fixture
@@ -140,10 +141,12 @@ def test_out_of_range_options_are_value_errors(
 
 def test_start_warms_every_worker_before_the_first_request(make: MakeDispatcher) -> None:
     dispatcher = make(Echo(""), 2)
-    workers = dispatcher.stats()["workers"]
+    stats = dispatcher.stats()
+    assert (stats["workers_wanted"], stats["workers_alive"], stats["workers_starting"]) == (2, 2, 0)
+    workers = stats["workers"]
     assert len(workers) == 2
     assert all(alive(worker["pid"]) and worker["served"] == 0 for worker in workers)
-    assert {worker["pid"] for worker in workers} <= loky_children()
+    assert {worker["pid"] for worker in workers} <= children()
 
 
 def test_attributes_set_in_init_reach_the_workers(make: MakeDispatcher) -> None:
@@ -182,54 +185,56 @@ def test_a_handler_that_does_not_pickle_fails_start(make: MakeDispatcher) -> Non
     assert caught.value.__cause__ is not None
 
 
-def test_a_handler_that_workers_cannot_load_fails_start(make: MakeDispatcher) -> None:
-    before = loky_children()
+def test_a_handler_that_workers_cannot_load_fails_start_with_one_clean_line(
+    make: MakeDispatcher, caplog: pytest.LogCaptureFixture
+) -> None:
+    before = children()
     dispatcher = make(FailsToLoad(), 2, start=False)
-    with pytest.raises(PoolStartError, match="cannot load in a worker"):
+    with pytest.raises(PoolStartError, match="cannot load in a worker") as caught:
         dispatcher.start()
-    assert wait_until(lambda: loky_children() <= before, 10 * UNIT)
+    assert "\n" not in str(caught.value) and "Traceback" not in str(caught.value)
+    assert caplog.text.count("could not load the handler") == 1  # its traceback, once
+    assert "in __setstate__" in caplog.text
+    assert wait_until(lambda: children() <= before, 10 * UNIT)
 
 
 def test_a_worker_exiting_while_loading_fails_start(make: MakeDispatcher) -> None:
     dispatcher = make(FailsToLoad(hard=True), 1, start=False)
-    with pytest.raises(PoolStartError, match="died while starting"):
+    with pytest.raises(PoolStartError, match="exit status 3"):
         dispatcher.start()
 
 
 def test_start_gives_up_on_workers_that_do_not_start_in_time(
     make: MakeDispatcher, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(_pool, "WORKER_START_TIMEOUT_S", 0.0)
+    monkeypatch.setattr(_supervisor, "WORKER_START_TIMEOUT_S", 0.0)
     dispatcher = make(Echo(""), 1, start=False)
     with pytest.raises(PoolStartError, match="did not start within"):
         dispatcher.start()
 
 
-def test_a_pool_that_cannot_spawn_is_closed_and_start_raises(
+def test_a_pool_that_cannot_spawn_fails_start(
     make: MakeDispatcher, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    closed = []
-    real_close = _pool._Pool.close
+    def no_processes(*args: Any) -> Any:
+        raise OSError("out of processes")
 
-    def no_processes(pool: Any) -> Any:
-        raise OSError("cannot spawn")
-
-    def recording_close(pool: Any) -> list[Any]:
-        closed.append(pool)
-        return real_close(pool)
-
-    monkeypatch.setattr(_pool._Pool, "start_channel_task", no_processes)
-    monkeypatch.setattr(_pool._Pool, "close", recording_close)
+    monkeypatch.setattr(_supervisor, "WorkerProcess", no_processes)
     dispatcher = make(Echo(""), 1, start=False)
-    with pytest.raises(OSError, match="cannot spawn"):
+    with pytest.raises(PoolStartError, match="cannot start a worker process: OSError"):
         dispatcher.start()
-    assert len(closed) == 1
 
 
 def test_start_twice_is_an_error(make: MakeDispatcher) -> None:
     dispatcher = make(Echo(""), 1)
     with pytest.raises(RuntimeError, match="already"):
         dispatcher.start()
+
+
+def test_a_dispatcher_never_started_shuts_down_quietly() -> None:
+    dispatcher = ProcessPoolDispatcher(Echo(""), 1, request_timeout_s=None, max_worker_memory=None)
+    dispatcher.shutdown()
+    assert isinstance(dispatcher.submit("x").exception(timeout=0), RuntimeError)
 
 
 def test_a_handler_class_from_a_main_script_works(tmp_path: Path) -> None:
@@ -284,7 +289,8 @@ def test_up_to_n_handlers_run_at_once(make: MakeDispatcher) -> None:
 
 def test_handler_errors_fail_only_their_own_future(make: MakeDispatcher) -> None:
     dispatcher = make(Commands(), 2)
-    commands = ["raise", "bytes", "raise-unpicklable", "echo:fine", "subclass"]
+    pids = worker_pids(dispatcher)
+    commands = ["raise", "bytes", "raise-unpicklable", "echo:fine", "subclass", "surrogate"]
     futures = {command: dispatcher.submit(command) for command in commands}
     results = {command: outcome(future) for command, future in futures.items()}
     assert isinstance(results["raise"], ValueError)
@@ -294,7 +300,23 @@ def test_handler_errors_fail_only_their_own_future(make: MakeDispatcher) -> None
     assert "BadReplyError" in str(results["raise-unpicklable"])
     assert results["echo:fine"] == "fine"
     assert type(results["subclass"]) is str and results["subclass"] == "quiet"
-    assert dispatcher.stats()["pool_rebuilds"] == 0
+    assert isinstance(results["surrogate"], ValueError)
+    assert "cannot be encoded" in str(results["surrogate"])
+    assert worker_pids(dispatcher) == pids and dispatcher.stats()["crashed"] == 0
+
+
+@pytest.mark.parametrize("name", ["SystemExit", "KeyboardInterrupt", "GeneratorExit", "Custom"])
+def test_a_base_exception_in_a_handler_fails_only_its_request(
+    make: MakeDispatcher, name: str
+) -> None:
+    dispatcher = make(Commands(), 1)
+    pids = worker_pids(dispatcher)
+    failed = outcome(dispatcher.submit(f"base:{name}"))
+    assert isinstance(failed, RuntimeError)  # an Exception: it cannot stop the I/O loop
+    assert name.replace("Custom", "CustomBaseError") in str(failed)
+    assert "do_base" in str(failed.__cause__)
+    assert outcome(dispatcher.submit("echo:still")) == "still"
+    assert worker_pids(dispatcher) == pids  # the same worker keeps serving
 
 
 def test_many_waiting_requests_travel_in_batches(make: MakeDispatcher) -> None:
@@ -304,14 +326,11 @@ def test_many_waiting_requests_travel_in_batches(make: MakeDispatcher) -> None:
     assert dispatcher.stats()["batches"] < 100
 
 
-def test_a_request_cancelled_while_waiting_never_runs(make: MakeDispatcher, tmp_path: Path) -> None:
-    dispatcher = make(Commands(), 1)
-    busy = [dispatcher.submit(f"sleep:{0.5 * UNIT}") for _ in range(2)]
-    marker = tmp_path / "ran"
-    assert dispatcher.submit(f"touch:{marker}").cancel()
-    assert all(not isinstance(outcome(future), BaseException) for future in busy)
-    assert outcome(dispatcher.submit("echo:after")) == "after"
-    assert not marker.exists()
+def test_a_request_larger_than_the_socket_buffer_is_sent_whole(make: MakeDispatcher) -> None:
+    dispatcher = make(Echo(""), 1)
+    big = "x" * (8 * 1024 * 1024)
+    futures = [dispatcher.submit(big), dispatcher.submit("small")]
+    assert [outcome(future) for future in futures] == [big, "small"]
 
 
 def test_stats_report_each_worker(make: MakeDispatcher) -> None:
@@ -319,9 +338,8 @@ def test_stats_report_each_worker(make: MakeDispatcher) -> None:
     for future in [dispatcher.submit("pid") for _ in range(20)]:
         outcome(future)
     stats = dispatcher.stats()
-    assert {"crashed", "timed_out", "in_flight", "waiting", "resubmitted", "pool_rebuilds"} <= set(
-        stats
-    )
+    expected = {"crashed", "timed_out", "in_flight", "waiting", "resent", "recycled", "shed"}
+    assert expected | {"restarts_crashed", "restarts_timed_out", "start_failures"} <= set(stats)
     assert stats["in_flight"] == stats["waiting"] == 0
     assert sum(worker["served"] for worker in stats["workers"]) == 20
     for worker in stats["workers"]:
@@ -329,72 +347,146 @@ def test_stats_report_each_worker(make: MakeDispatcher) -> None:
         assert isinstance(worker["cpu_percent"], float)
 
 
-# -- crashes ----------------------------------------------------------------------------
+def test_thousands_of_requests_one_at_a_time_all_come_back(make: MakeDispatcher) -> None:
+    dispatcher = make(Echo("e:"), 1)
+    for index in range(3 * 2000):
+        assert outcome(dispatcher.submit(f"{index}"), 10 * UNIT) == f"e:{index}"
 
 
-def test_one_poison_request_among_64_costs_only_its_own_reply(make: MakeDispatcher) -> None:
-    dispatcher = make(Commands(), 2)
+# -- crashes: one worker at a time ------------------------------------------------------
+
+
+def test_one_poison_request_among_64_costs_only_its_own_reply(
+    make: MakeDispatcher, tmp_path: Path
+) -> None:
+    ledger = tmp_path / "ledger"
+    dispatcher = make(Ledger(str(ledger)), 2)
     old_pids = worker_pids(dispatcher)
-    commands = [f"echo:{index}" if index % 2 else "sleep:0.01" for index in range(64)]
-    commands[20] = "exit:1"
-    started = time.perf_counter()
+    commands = [f"{i}/echo:{i}" if i % 2 else f"{i}/sleep:0.01" for i in range(64)]
+    commands[20] = "20/exit:1"
     futures = [dispatcher.submit(command) for command in commands]
     results = [outcome(future) for future in futures]
-    elapsed_s = time.perf_counter() - started
     failures = [index for index, result in enumerate(results) if isinstance(result, BaseException)]
     assert failures == [20]
     assert isinstance(results[20], WorkerCrashError)
     assert all(results[i] == str(i) for i in range(1, 64, 2))
+    assert set(ledger_runs(ledger).values()) == {1}  # nothing ran twice
+    assert len(ledger_runs(ledger)) == 64
     stats = dispatcher.stats()
-    assert (stats["crashed"], stats["pool_rebuilds"], stats["abandoned"]) == (1, 1, 0)
-    assert stats["resubmitted"] > 0  # bystanders were in flight and ran again
-    assert outcome(dispatcher.submit("pid")) not in {str(pid) for pid in old_pids}
-    print(f"64 requests, one poison: {elapsed_s:.3f} s, {stats['resubmitted']} resubmitted")
+    assert (stats["crashed"], stats["restarts_crashed"]) == (1, 1)
+    assert stats["resent"] > 0  # bystanders queued on the dead worker went elsewhere
+    assert wait_until(lambda: dispatcher.stats()["workers_alive"] == 2, 30 * UNIT)
+    assert len(worker_pids(dispatcher) & old_pids) == 1  # only the dead one was replaced
 
 
-def test_the_pool_recovers_quickly_after_a_crash(make: MakeDispatcher) -> None:
-    dispatcher = make(Commands(), 2)
-    crashed = dispatcher.submit("exit:1")
-    assert isinstance(outcome(crashed), WorkerCrashError)
-    started = time.perf_counter()
-    assert outcome(dispatcher.submit("echo:back")) == "back"
-    print(f"first reply after a crash: {time.perf_counter() - started:.3f} s")
-
-
-@loky_recycling_warning
-def test_a_pool_that_refuses_a_channel_task_is_replaced_and_requests_move(
-    make: MakeDispatcher, monkeypatch: pytest.MonkeyPatch
+def test_the_others_serve_while_a_slow_replacement_loads(
+    make: MakeDispatcher, tmp_path: Path
 ) -> None:
-    # With a cap below any RSS, each worker retires after one request and a new
-    # channel task is submitted: loky refuses that one, as a pool found broken.
-    dispatcher = make(Echo("moved:"), 1, max_rss=1)
-    real_start = _pool._Pool.start_channel_task
-    refusals = []
-
-    def refuse_once(pool: Any) -> Any:
-        if not refusals:
-            refusals.append(pool)
-            raise BrokenProcessPool("found broken")
-        return real_start(pool)
-
-    monkeypatch.setattr(_pool._Pool, "start_channel_task", refuse_once)
-    assert outcome(dispatcher.submit("x")) == "moved:x"
-    assert outcome(dispatcher.submit("y")) == "moved:y"
-    assert refusals
-    stats = dispatcher.stats()
-    assert (stats["pool_rebuilds"], stats["resubmitted"], stats["crashed"]) == (1, 0, 0)
+    ledger = tmp_path / "ledger"
+    load_s = 1.5 * UNIT
+    dispatcher = make(Ledger(str(ledger), load_delay_s=load_s), 2)
+    assert isinstance(outcome(dispatcher.submit("poison/exit:1")), WorkerCrashError)
+    crashed_at = time.monotonic()
+    replies = []
+    while time.monotonic() - crashed_at < load_s:  # the replacement is still loading
+        replies.append(outcome(dispatcher.submit(f"r{len(replies)}/echo:ok")))
+        assert dispatcher.stats()["workers_alive"] >= 1
+    assert replies and set(replies) == {"ok"}
+    assert wait_until(lambda: dispatcher.stats()["workers_alive"] == 2, 30 * UNIT)
+    assert set(ledger_runs(ledger).values()) == {1}
 
 
-def test_a_request_that_breaks_the_pool_twice_is_not_retried(make: MakeDispatcher) -> None:
-    dispatcher = make(Commands(), 2)
-    # Its own worker lives, so nobody is to blame: it is retried once, then given up.
-    killer = outcome(dispatcher.submit("kill-siblings"))
-    assert isinstance(killer, WorkerCrashError)
-    assert "twice" in str(killer)
-    stats = dispatcher.stats()
-    assert (stats["abandoned"], stats["crashed"], stats["pool_rebuilds"]) == (1, 0, 2)
-    assert stats["resubmitted"] == 1
-    assert outcome(dispatcher.submit("echo:after")) == "after"
+def test_sigkilled_workers_under_load_cost_at_most_one_request_each(
+    make: MakeDispatcher, tmp_path: Path
+) -> None:
+    ledger = tmp_path / "ledger"
+    dispatcher = make(Ledger(str(ledger)), 2)
+    futures = []
+    rng = random.Random(15)
+    for kill in range(3):
+        futures += [dispatcher.submit(f"k{kill}r{i}/sleep:0.005") for i in range(60)]
+        time.sleep(rng.uniform(0.02, 0.1))  # the kill lands mid-run, not at a boundary
+        os.kill(rng.choice(sorted(worker_pids(dispatcher))), signal.SIGKILL)
+        assert wait_until(lambda: dispatcher.stats()["workers_alive"] == 2, 30 * UNIT)
+    results = [outcome(future) for future in futures]
+    failed = [result for result in results if isinstance(result, BaseException)]
+    assert len(failed) <= 3 and all(isinstance(error, WorkerCrashError) for error in failed)
+    assert set(ledger_runs(ledger).values()) == {1}
+    assert dispatcher.stats()["restarts_crashed"] == 3
+
+
+def test_a_pool_whose_replacements_fail_to_load_heals_when_the_cause_goes(
+    make: MakeDispatcher, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    marker = tmp_path / "broken"
+    dispatcher = make(FailsToLoad(str(marker)), 2)
+    marker.touch()  # from now on, a new worker cannot load the handler
+    assert isinstance(outcome(dispatcher.submit("exit")), WorkerCrashError)
+    assert wait_until(lambda: dispatcher.stats()["start_failures"] >= 3, 30 * UNIT)
+    assert outcome(dispatcher.submit("echo")) == "loaded"  # the other worker serves on
+    assert caplog.text.count("could not load the handler:") == 1  # the traceback, once
+    marker.unlink()
+    healed_by = time.monotonic() + 15 * UNIT
+    assert wait_until(lambda: dispatcher.stats()["workers_alive"] == 2, 15 * UNIT)
+    assert time.monotonic() < healed_by
+
+
+def test_with_no_worker_alive_a_failed_start_fails_the_waiting_requests(
+    make: MakeDispatcher, tmp_path: Path
+) -> None:
+    marker = tmp_path / "broken"
+    dispatcher = make(FailsToLoad(str(marker), hard=True), 1)
+    marker.touch()
+    crashed, stranded = dispatcher.submit("exit"), dispatcher.submit("echo")
+    assert isinstance(outcome(crashed), WorkerCrashError)
+    assert isinstance(outcome(stranded), WorkerStartError)
+    assert dispatcher.stats()["shed"] == 1
+    marker.unlink()
+    assert outcome(dispatcher.submit("echo")) == "loaded"  # healed: requests wait for it
+
+
+def test_an_unexpected_error_in_supervision_is_logged_and_supervision_goes_on(
+    make: MakeDispatcher, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    dispatcher = make(Commands(), 1)
+    real_expire = dispatcher.expire
+    calls = []
+
+    def expire_once_broken(now: float) -> list[int]:
+        calls.append(now)
+        if len(calls) == 1:
+            raise KeyError("bug")
+        return real_expire(now)
+
+    monkeypatch.setattr(dispatcher, "expire", expire_once_broken)
+    dispatcher._supervisor.wake()
+    assert wait_until(lambda: "supervision failed; it goes on" in caplog.text, 10 * UNIT)
+    assert isinstance(outcome(dispatcher.submit("exit:1")), WorkerCrashError)
+    assert outcome(dispatcher.submit("echo:on")) == "on"
+
+
+def test_a_bug_reading_replies_replaces_only_that_worker(
+    make: MakeDispatcher, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    dispatcher = make(Commands(), 1)
+    real_settle = dispatcher._settle
+    broken = [True]
+
+    def settle_once_broken(link: Any, payloads: list[bytes]) -> None:
+        if broken.pop() if broken else False:
+            raise KeyError("bug")
+        real_settle(link, payloads)
+
+    monkeypatch.setattr(dispatcher, "_settle", settle_once_broken)
+    assert isinstance(outcome(dispatcher.submit("echo:lost")), WorkerCrashError)
+    assert "reading worker" in caplog.text
+    assert outcome(dispatcher.submit("echo:next")) == "next"
+
+
+def test_a_reply_that_does_not_unpickle_fails_the_request_it_answers() -> None:
+    failed = _dispatcher._decode(b"not a pickle", 7)
+    assert isinstance(failed, Outcome) and failed.request_id == 7
+    assert "cannot read the worker's reply" in str(failed.error)
 
 
 # -- timeouts ---------------------------------------------------------------------------
@@ -410,17 +502,15 @@ def test_timeout_kills_the_worker_tree_and_others_go_on(
     assert wait_until(lambda: child_file.exists() and child_file.read_text() != "", 10 * UNIT)
     child = int(child_file.read_text())
     worker = psutil.Process(child).ppid()
-    # Bystanders on the other worker, running before, during and after the kill.
     others = [dispatcher.submit(f"sleep:{0.25 * UNIT}") for _ in range(8)]
     result = outcome(hung)
     assert isinstance(result, HandlerTimeoutError)
     assert isinstance(result, TimeoutError)
     assert all(not isinstance(outcome(future), BaseException) for future in others)
     assert wait_until(lambda: not alive(child) and not alive(worker), 10 * UNIT)
-    assert wait_until(lambda: dispatcher.stats()["pool_rebuilds"] == 1, 10 * UNIT)
+    assert wait_until(lambda: dispatcher.stats()["restarts_timed_out"] == 1, 10 * UNIT)
     stats = dispatcher.stats()
     assert (stats["timed_out"], stats["crashed"]) == (1, 0)
-    assert stats["resubmitted"] > 0
     assert outcome(dispatcher.submit("echo:after")) == "after"
 
 
@@ -431,275 +521,6 @@ def test_the_timeout_counts_from_the_handler_start_not_from_submit(
     futures = [dispatcher.submit(f"sleep:{0.3 * UNIT}") for _ in range(5)]  # 1.5 units queued
     assert all(not isinstance(outcome(future), BaseException) for future in futures)
     assert dispatcher.stats()["timed_out"] == 0
-
-
-# -- memory -----------------------------------------------------------------------------
-
-
-@loky_recycling_warning
-def test_a_worker_past_its_memory_cap_is_recycled_between_requests(
-    make: MakeDispatcher,
-) -> None:
-    megabyte = 1024 * 1024
-    dispatcher = make(Commands(), 1, max_rss=150 * megabyte)
-    first = outcome(dispatcher.submit("pid"))
-    assert outcome(dispatcher.submit("grow:200")) == first
-    after = [outcome(dispatcher.submit("pid")) for _ in range(3)]
-    assert all(not isinstance(reply, BaseException) for reply in after)
-    assert after[0] != first
-    assert wait_until(lambda: dispatcher.stats()["recycled"] == 1, 10 * UNIT)
-    stats = dispatcher.stats()
-    assert (stats["recycled"], stats["pool_rebuilds"], stats["crashed"]) == (1, 0, 0)
-    assert not alive(int(str(first)))
-    assert [worker["rss"] < 150 * megabyte for worker in stats["workers"]] == [True]
-
-
-@loky_recycling_warning
-def test_a_memory_cap_below_a_fresh_worker_recycles_after_every_task(
-    make: MakeDispatcher, caplog: pytest.LogCaptureFixture
-) -> None:
-    dispatcher = make(Commands(), 1, max_rss=1)
-    assert "below a fresh worker's RSS" in caplog.text
-    pids = [outcome(dispatcher.submit("pid")) for _ in range(4)]
-    assert all(not isinstance(pid, BaseException) for pid in pids)
-    assert len(set(pids)) == 4  # each worker retires after one request
-    assert dispatcher.stats()["crashed"] == 0
-
-
-# -- shutdown ---------------------------------------------------------------------------
-
-
-def test_shutdown_answers_every_request_and_leaves_no_worker(make: MakeDispatcher) -> None:
-    before = loky_children()
-    dispatcher = make(Commands(), 2)
-    pids = worker_pids(dispatcher)
-    futures = [dispatcher.submit(f"sleep:{0.2 * UNIT}") for _ in range(5)]
-    dispatcher.shutdown()
-    assert all(future.done() and future.exception() is None for future in futures)
-    assert not {pid for pid in pids if alive(pid)}
-    assert loky_children() <= before
-
-
-def test_requests_after_shutdown_fail_and_a_second_shutdown_is_harmless(
-    make: MakeDispatcher,
-) -> None:
-    dispatcher = make(Echo(""), 1)
-    dispatcher.shutdown()
-    late = dispatcher.submit("late")
-    assert isinstance(late.exception(timeout=0), RuntimeError)
-    dispatcher.shutdown()
-
-
-# -- the supervisor giving up -----------------------------------------------------------
-
-
-def test_workers_that_cannot_reload_the_handler_fail_what_is_left(
-    make: MakeDispatcher, tmp_path: Path
-) -> None:
-    marker = tmp_path / "broken"
-    dispatcher = make(FailsToLoad(str(marker)), 1)
-    marker.touch()  # from now on, a new worker cannot load the handler
-    crashed, stranded = dispatcher.submit("exit"), dispatcher.submit("echo")
-    assert isinstance(outcome(crashed), WorkerCrashError)
-    failure = outcome(stranded)
-    assert isinstance(failure, RuntimeError)
-    assert isinstance(failure.__cause__, PoolStartError)
-    assert isinstance(dispatcher.submit("late").exception(timeout=0), RuntimeError)
-
-
-def test_workers_that_keep_dying_while_loading_fail_what_is_left(
-    make: MakeDispatcher, tmp_path: Path
-) -> None:
-    marker = tmp_path / "broken"
-    dispatcher = make(FailsToLoad(str(marker), hard=True), 1)
-    marker.touch()
-    crashed, stranded = dispatcher.submit("exit"), dispatcher.submit("echo")
-    assert isinstance(outcome(crashed), WorkerCrashError)
-    failure = outcome(stranded)
-    assert isinstance(failure, RuntimeError)
-    assert "in a row" in str(failure.__cause__)
-
-
-def test_a_supervisor_bug_fails_requests_instead_of_hanging_them(
-    make: MakeDispatcher, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    dispatcher = make(Echo(""), 1)
-
-    def broken_read(link: Any) -> None:
-        raise KeyError("bug")
-
-    monkeypatch.setattr(dispatcher, "_read_link", broken_read)
-    failure = outcome(dispatcher.submit("x"))
-    assert isinstance(failure, RuntimeError)
-    assert isinstance(failure.__cause__, KeyError)
-
-
-def test_a_channel_task_that_fails_is_a_broken_pool_and_is_replaced(
-    make: MakeDispatcher, caplog: pytest.LogCaptureFixture
-) -> None:
-    dispatcher = make(Echo("e:"), 1)
-    old_pids = worker_pids(dispatcher)
-    task: Future[Any] = Future()
-    task.set_exception(OSError("channel lost"))
-    assert dispatcher._pool is not None
-    dispatcher._on_channel_task_done(dispatcher._pool, task)
-    assert wait_until(lambda: dispatcher.stats()["pool_rebuilds"] == 1, 30 * UNIT)
-    assert outcome(dispatcher.submit("x")) == "e:x"
-    assert "channel failed" in caplog.text
-    assert not {pid for pid in old_pids if alive(pid)}
-
-
-def test_a_reply_that_does_not_unpickle_fails_the_request_it_answers() -> None:
-    head = _pool._Request(7, "x", Future())
-    failed = _pool._decode_reply(b"not a pickle", head)
-    assert isinstance(failed, _worker.Outcome) and failed.request_id == 7
-    assert isinstance(failed.error, RuntimeError)
-    assert "cannot read the worker's reply" in str(failed.error)
-
-
-# -- the worker side, run in this process -----------------------------------------------
-
-
-TOKEN = "t" * 32
-
-
-@pytest.fixture
-def parent(monkeypatch: pytest.MonkeyPatch) -> Iterator[Listener]:
-    """A channel listener standing in for the parent, with the worker globals restored."""
-    monkeypatch.setattr(_worker, "_worker", None)
-    for name in ("_get_memory_usage", "_MEMORY_LEAK_CHECK_DELAY", "_MAX_MEMORY_LEAK_SIZE"):
-        monkeypatch.setattr(loky_executor, name, getattr(loky_executor, name))
-    sigint_handler = signal.getsignal(signal.SIGINT)  # init_worker ignores SIGINT
-    listener = Listener()
-    listener.sock.setblocking(True)
-    yield listener
-    listener.close()
-    signal.signal(signal.SIGINT, sigint_handler)
-
-
-def read_frames(sock: socket.socket, count: int) -> list[bytes]:
-    """Read ``count`` frames from a blocking socket."""
-    reader, frames = FrameReader(), []
-    sock.settimeout(10 * UNIT)
-    while len(frames) < count:
-        data = sock.recv(65536)
-        assert data, f"end of stream after {len(frames)} of {count} frames"
-        frames += reader.feed(data)
-    return frames
-
-
-def serve_in_thread(parent: Listener) -> tuple[socket.socket, Future[Any]]:
-    """Run serve_channel in a thread; return the parent's end and the task's future."""
-    result: Future[Any] = Future()
-
-    def run() -> None:
-        try:
-            result.set_result(_worker.serve_channel())
-        except BaseException as exc:
-            result.set_exception(exc)
-
-    threading.Thread(target=run, daemon=True).start()
-    sock, _ = parent.sock.accept()
-    return sock, result
-
-
-def test_a_worker_says_hello_then_answers_each_request_in_order(parent: Listener) -> None:
-    _worker.init_worker(pickle.dumps(Commands()), parent.address, TOKEN, 3, None)
-    sock, task = serve_in_thread(parent)
-    with sock:
-        (hello,) = read_frames(sock, 1)
-        assert hello.startswith(TOKEN.encode())
-        assert pickle.loads(hello[len(TOKEN) :]) == _worker.Hello(os.getpid(), 3)
-        sock.sendall(encode_frame([(1, "echo:a"), (2, "raise")]) + encode_frame([(3, "echo:b")]))
-        first, second, third = map(pickle.loads, read_frames(sock, 3))
-    assert first._replace(elapsed_s=0.0) == _worker.Outcome(1, reply="a")
-    assert first.elapsed_s > 0
-    assert isinstance(second.error, ValueError) and "do_raise" in second.traceback
-    assert third.reply == "b"
-    assert task.result(timeout=10 * UNIT) == (os.getpid(), False)  # the parent closed it
-
-
-def test_a_worker_that_cannot_load_the_handler_says_why(parent: Listener) -> None:
-    with pytest.raises(pickle.UnpicklingError):
-        _worker.init_worker(b"not a pickle", parent.address, TOKEN, 1, None)
-    sock, _ = parent.sock.accept()
-    with sock:
-        (frame,) = read_frames(sock, 1)
-    failure = pickle.loads(frame[len(TOKEN) :])
-    assert isinstance(failure, _worker.InitFailed)
-    assert (failure.pid, failure.generation) == (os.getpid(), 1)
-    assert "UnpicklingError" in failure.traceback
-
-
-def test_a_handler_error_that_does_not_pickle_is_sent_as_text(parent: Listener) -> None:
-    _worker.init_worker(pickle.dumps(Commands()), parent.address, TOKEN, 1, None)
-    sock, task = serve_in_thread(parent)
-    with sock:
-        read_frames(sock, 1)
-        sock.sendall(encode_frame([(1, "raise-unpicklable")]))
-        (frame,) = read_frames(sock, 1)
-    result = pickle.loads(frame)
-    assert isinstance(result.error, RuntimeError)
-    assert "BadReplyError: 7: no round trip" in str(result.error)
-    task.result(timeout=10 * UNIT)
-
-
-def test_a_worker_past_its_memory_cap_retires_and_loky_recycles_it(parent: Listener) -> None:
-    _worker.init_worker(pickle.dumps(Echo("")), parent.address, TOKEN, 1, 1)
-    probe = loky_executor._get_memory_usage
-    assert loky_executor._MEMORY_LEAK_CHECK_DELAY < 0  # checked after every task
-    assert probe(os.getpid(), force_gc=True) == 0  # the reference, after the first task
-    assert probe(os.getpid()) < loky_executor._MAX_MEMORY_LEAK_SIZE  # not retiring: stays
-    sock, task = serve_in_thread(parent)
-    with sock:
-        read_frames(sock, 1)
-        sock.sendall(encode_frame([(1, "a"), (2, "b")]))
-        messages = [pickle.loads(frame) for frame in read_frames(sock, 3)]
-    assert [type(message).__name__ for message in messages] == ["Retiring", "Outcome", "Outcome"]
-    assert task.result(timeout=10 * UNIT) == (os.getpid(), True)
-    assert probe(os.getpid()) >= loky_executor._MAX_MEMORY_LEAK_SIZE  # loky recycles it
-    assert _worker.serve_channel() == (os.getpid(), True)  # a later task ends at once
-
-
-# -- book-keeping and process helpers, without a pool -----------------------------------
-
-
-def test_a_worker_gone_before_it_is_described_is_not_listed_or_killed() -> None:
-    gone = subprocess.Popen([sys.executable, "-c", "pass"])
-    gone.wait()
-    assert _pool._describe_worker((gone.pid, None, 0)) is None
-    pool = _pool._Pool(executor=None, generation=1)
-    link = _pool._Link(channel=None, pid=gone.pid, process=None)  # type: ignore[arg-type]
-    pool.kill_worker(link)
-    assert pool.killed == {gone.pid}
-
-
-def test_killing_a_process_tree_that_is_gone_does_nothing() -> None:
-    child = psutil.Popen([sys.executable, "-c", "pass"])
-    child.wait()
-    _pool._kill_process_tree(child)
-
-
-def test_zombie_children_do_not_count_as_live() -> None:
-    zombie = subprocess.Popen([sys.executable, "-c", "pass"])
-    assert wait_until(lambda: not alive(zombie.pid), 10 * UNIT)  # exited, not yet reaped
-    try:
-        assert zombie.pid not in _pool._live_child_pids()
-    finally:
-        zombie.wait()
-
-
-def test_light_handlers_are_batched_and_heavy_ones_pipelined() -> None:
-    sizing = _pool._TaskSizing()
-    assert sizing.depth() == _pool.HEAVY_DEPTH  # unmeasured counts as heavy
-    sizing.observe([])
-    assert not sizing.is_light()
-    sizing.observe([_worker.Outcome(1, elapsed_s=0.00001)] * 3)
-    assert sizing.is_light()
-    assert sizing.depth() == _pool.MAX_BATCH_SIZE
-    for _ in range(20):
-        sizing.observe([_worker.Outcome(1, elapsed_s=0.01)])
-    assert sizing.depth() == _pool.HEAVY_DEPTH
 
 
 def test_a_batch_mate_finished_before_a_hung_request_is_not_timed_out(
@@ -717,8 +538,146 @@ def test_a_batch_mate_finished_before_a_hung_request_is_not_timed_out(
     assert dispatcher.stats()["timed_out"] == 1
 
 
-def test_thousands_of_requests_one_at_a_time_all_come_back(make: MakeDispatcher) -> None:
-    dispatcher = make(Echo("e:"), 1)
-    count = 3 * 2000
-    for index in range(count):
-        assert outcome(dispatcher.submit(f"{index}"), 10 * UNIT) == f"e:{index}"
+# -- memory -----------------------------------------------------------------------------
+
+
+def test_a_worker_past_its_memory_cap_is_recycled_between_requests(
+    make: MakeDispatcher,
+) -> None:
+    megabyte = 1024 * 1024
+    dispatcher = make(Commands(), 1, max_rss=150 * megabyte)
+    first = outcome(dispatcher.submit("pid"))
+    assert outcome(dispatcher.submit("grow:200")) == first
+    after = [outcome(dispatcher.submit("pid")) for _ in range(3)]
+    assert all(not isinstance(reply, BaseException) for reply in after)
+    assert after[0] != first
+    assert wait_until(lambda: dispatcher.stats()["recycled"] == 1, 10 * UNIT)
+    stats = dispatcher.stats()
+    assert (stats["recycled"], stats["restarts_crashed"], stats["crashed"]) == (1, 0, 0)
+    assert not alive(int(str(first)))
+    assert [worker["rss"] < 150 * megabyte for worker in stats["workers"]] == [True]
+
+
+def test_a_memory_cap_below_a_fresh_worker_recycles_after_every_request(
+    make: MakeDispatcher, caplog: pytest.LogCaptureFixture
+) -> None:
+    dispatcher = make(Commands(), 1, max_rss=1)
+    assert "below a fresh worker's RSS" in caplog.text
+    pids = [outcome(dispatcher.submit("pid")) for _ in range(4)]
+    assert all(not isinstance(pid, BaseException) for pid in pids)
+    assert len(set(pids)) == 4  # each worker retires after one request
+    assert dispatcher.stats()["crashed"] == 0
+
+
+# -- shutdown and orphans ---------------------------------------------------------------
+
+
+def test_shutdown_answers_every_request_and_leaves_no_worker(make: MakeDispatcher) -> None:
+    before = children()
+    dispatcher = make(Commands(), 2)
+    pids = worker_pids(dispatcher)
+    futures = [dispatcher.submit(f"sleep:{0.2 * UNIT}") for _ in range(5)]
+    dispatcher.shutdown()
+    assert all(future.done() and future.exception() is None for future in futures)
+    assert not {pid for pid in pids if alive(pid)}
+    assert children() <= before
+
+
+def test_requests_after_shutdown_fail_and_a_second_shutdown_is_harmless(
+    make: MakeDispatcher,
+) -> None:
+    dispatcher = make(Echo(""), 1)
+    dispatcher.shutdown()
+    late = dispatcher.submit("late")
+    assert isinstance(late.exception(timeout=0), RuntimeError)
+    dispatcher.shutdown()
+
+
+ORPHAN_SCRIPT = """
+import sys, time
+from mpreqrep._pool import ProcessPoolDispatcher
+from tests.pool_handlers import Commands
+
+dispatcher = ProcessPoolDispatcher(
+    Commands(), 2, request_timeout_s=None, max_worker_memory=None
+)
+dispatcher.start()
+busy = dispatcher.submit("hang")
+time.sleep(0.3)
+print(" ".join(str(worker["pid"]) for worker in dispatcher.stats()["workers"]), flush=True)
+threading_event = __import__("threading").Event()
+threading_event.wait()
+"""
+
+
+def test_workers_die_with_a_sigkilled_parent_even_a_busy_one() -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    parent = subprocess.Popen(
+        [sys.executable, "-c", ORPHAN_SCRIPT], stdout=subprocess.PIPE, text=True, env=env
+    )
+    try:
+        assert parent.stdout is not None
+        pids = [int(pid) for pid in parent.stdout.readline().split()]
+        assert len(pids) == 2
+        family = psutil.Process(parent.pid).children(recursive=True)
+        sockets = {
+            os.path.dirname(conn.laddr)
+            for child in family
+            for conn in _unix_connections(child)
+            if conn.laddr
+        }
+    finally:
+        parent.kill()
+        parent.wait()
+    killed_at = time.monotonic()
+    assert wait_until(lambda: not any(alive(child.pid) for child in family), 2.0 * UNIT)
+    print(f"every descendant gone {time.monotonic() - killed_at:.3f} s after the SIGKILL")
+    assert not any(os.path.exists(directory) for directory in sockets)
+
+
+def _unix_connections(process: psutil.Process) -> list[Any]:
+    """The Unix sockets a process holds ([] if it is gone)."""
+    try:
+        return list(process.net_connections(kind="unix"))
+    except psutil.Error:
+        return []
+
+
+def test_the_atexit_hook_kills_the_workers_of_pools_never_shut_down() -> None:
+    script = textwrap.dedent(
+        """
+        from mpreqrep._pool import ProcessPoolDispatcher
+        from tests.pool_handlers import Echo
+        dispatcher = ProcessPoolDispatcher(
+            Echo(""), 1, request_timeout_s=None, max_worker_memory=None
+        )
+        dispatcher.start()
+        print(dispatcher.stats()["workers"][0]["pid"], flush=True)
+        """
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60 * UNIT, env=env
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().isdigit()  # nothing else: no replacement was started
+    assert wait_until(lambda: not alive(int(result.stdout)), 5 * UNIT)
+
+
+def test_concurrent_submits_from_many_threads_all_come_back(make: MakeDispatcher) -> None:
+    dispatcher = make(Echo(""), 2)
+    results: list[str | BaseException] = []
+    lock = threading.Lock()
+
+    def client(index: int) -> None:
+        for round_ in range(50):
+            reply = outcome(dispatcher.submit(f"{index}.{round_}"))
+            with lock:
+                results.append(reply)
+
+    threads = [threading.Thread(target=client, args=(index,)) for index in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60 * UNIT)
+    assert sorted(map(str, results)) == sorted(f"{i}.{r}" for i in range(8) for r in range(50))

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
 import threading
+import time
+from collections import Counter
 from pathlib import Path
 
 import psutil
@@ -15,10 +18,12 @@ import pytest
 import mpreqrep
 
 from .conftest import UNIT, running, wait_until
-from .process_handlers import PidServer
+from .process_handlers import PidServer, RaisingServer, SlowLedgerServer
 from .test_server import fire
 
 pytestmark = pytest.mark.timeout(120)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def pid_of(reply: str | None) -> int:
@@ -160,3 +165,115 @@ def test_handler_failure_in_a_worker_closes_without_reply(command: str) -> None:
         assert mpreqrep.do_request(server.address, command, 30 * UNIT) == ""
         assert mpreqrep.do_request(server.address, "next", 30 * UNIT) == "echo:next\r\n"
         assert server.stats()["failed"] == 1
+
+
+@pytest.mark.parametrize("name", ["SystemExit", "KeyboardInterrupt", "GeneratorExit"])
+def test_a_base_exception_in_a_worker_closes_only_its_connection(name: str) -> None:
+    with running(RaisingServer, workers=1) as server:
+        assert mpreqrep.do_request(server.address, name, 30 * UNIT) == ""
+        assert mpreqrep.do_request(server.address, "next", 30 * UNIT) == "ok:next\r\n"
+        stats = server.stats()
+        assert (stats["failed"], stats["restarts_crashed"]) == (1, 0)
+
+
+def test_a_crash_costs_one_request_while_a_slow_replacement_loads(tmp_path: Path) -> None:
+    """Issue 15's bar: 2 workers, 1.5 s to load the handler, 8 clients of 20 ms
+    requests, one os._exit: every 250 ms after the crash has correct replies,
+    nothing but the poison is lost, nothing runs twice."""
+    ledger = tmp_path / "ledger"
+    window_s, load_s = 0.25, 1.5
+    with running(SlowLedgerServer, workers=2, ledger=str(ledger), load_delay_s=load_s) as server:
+        crash_at: list[float] = []
+        replies: list[tuple[float, str, str | None]] = []
+        end_at = time.monotonic() + 0.5 + load_s + 1.0
+
+        def client(index: int) -> None:
+            count = 0
+            while time.monotonic() < end_at:
+                tag = f"c{index}.{count}"
+                count += 1
+                if index == 0 and count == 10:
+                    tag = "poison"
+                    crash_at.append(time.monotonic())
+                request = f"{tag} exit" if tag == "poison" else f"{tag} 20"
+                reply = mpreqrep.do_request(server.address, request, 30 * UNIT)
+                replies.append((time.monotonic(), tag, reply))
+
+        threads = [threading.Thread(target=client, args=(index,)) for index in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60 * UNIT)
+    assert crash_at
+    lost = [tag for _, tag, reply in replies if reply != f"done {tag}\r\n"]
+    assert lost == ["poison"]
+    runs = Counter(ledger.read_text().split())
+    assert set(runs.values()) == {1} and len(runs) == len(replies)
+    windows = Counter(
+        int((at - crash_at[0]) // window_s) for at, tag, _ in replies if tag != "poison"
+    )
+    last = int((end_at - crash_at[0]) // window_s) - 1
+    empty = [window for window in range(last) if windows[window] == 0]
+    assert not empty, f"250 ms windows after the crash without a reply: {empty}"
+
+
+SERVE = [sys.executable, "-m", "mpreqrep", "serve", "--address", "127.0.0.1:0"]
+
+
+def test_a_sigkilled_serve_leaves_no_descendant_and_no_socket_directory() -> None:
+    command = [*SERVE, "--workers", "2", "tests.process_handlers:PidServer"]
+    serve = subprocess.Popen(command, cwd=REPO_ROOT, stderr=subprocess.PIPE, text=True, env=_env())
+    try:
+        assert serve.stderr is not None
+        line = serve.stderr.readline()
+        port = int(re.findall(r":(\d+)", line)[-1])
+        busy = threading.Thread(  # one worker is busy in a handler at the kill
+            target=mpreqrep.do_request, args=(f"127.0.0.1:{port}", "hang", 10 * UNIT), daemon=True
+        )
+        busy.start()
+        reply = mpreqrep.do_request(f"127.0.0.1:{port}", "beside", 30 * UNIT)
+        assert reply and reply.endswith("beside\r\n")  # served beside the hung one
+        family = psutil.Process(serve.pid).children(recursive=True)
+        directories = {_socket_directory(psutil.Process(serve.pid))} - {None}
+    finally:
+        serve.kill()
+        serve.wait()
+    killed_at = time.monotonic()
+    assert len(family) >= 2
+    assert wait_until(lambda: not any(map(_alive, family)), 2.0), [
+        (child.pid, child.cmdline()) for child in family if _alive(child)
+    ]
+    print(f"no descendant left {time.monotonic() - killed_at:.3f} s after SIGKILL")
+    assert directories and not any(os.path.exists(directory) for directory in directories)
+
+
+def test_a_handler_that_fails_to_load_in_workers_is_one_line_from_serve() -> None:
+    command = [*SERVE, "--workers", "2", "tests.process_handlers:FailsInWorkers"]
+    result = subprocess.run(
+        command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=60 * UNIT, env=_env()
+    )
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "No module named 'numpy'" in errors[0], result.stderr
+    assert result.stderr.count("Traceback") == 1  # the handler's own, logged once
+    assert "popen_loky" not in result.stderr and "-" * 40 not in result.stderr
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+
+
+def _alive(process: psutil.Process) -> bool:
+    """Whether a process runs (a zombie, waiting for init to reap it, does not)."""
+    try:
+        return bool(process.status() != psutil.STATUS_ZOMBIE)
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _socket_directory(process: psutil.Process) -> str | None:
+    try:
+        paths = [conn.laddr for conn in process.net_connections(kind="unix") if conn.laddr]
+    except psutil.Error:
+        return None
+    return os.path.dirname(paths[0]) if paths else None

@@ -1,0 +1,37 @@
+"""Process mode: ``handle_request`` on copies of the server in supervised worker processes.
+
+Owns everything about worker processes in the parent; the worker side is
+:mod:`mpreqrep._worker`, the framing :mod:`mpreqrep._channel`. It knows
+nothing of client sockets: the I/O loop hands it request text and gets back
+a future of the reply text. One concern per module:
+
+- :mod:`._book`: sans-I/O bookkeeping: which request is on which worker,
+  what to send again after a loss, deadlines, batching;
+- :mod:`._process`: one worker process: spawn (loky's process context),
+  handshake, kill (psutil), describe;
+- :mod:`._supervisor`: the thread that keeps N processes alive, one at a
+  time, gunicorn-style (a table by pid), with back-off on failed starts;
+- :mod:`._backoff`: when to try a failed start again (sans I/O);
+- :mod:`._dispatcher`: the thin :class:`~mpreqrep._dispatch.Dispatcher`;
+- :mod:`._options`, :mod:`._errors`: ``workers="auto"``, range checks, errors.
+
+Data crossing threads and processes::
+
+    I/O thread ──frames──▶ worker process (x N) ──reply frames──▶ I/O thread
+         │                     ▲        │ lifeline: EOF = the server died
+         ▼                     │        ▼
+    book (one lock) ◀── supervisor thread: spawn, greet, reap, kill, back off
+"""
+
+from ._dispatcher import ProcessPoolDispatcher
+from ._errors import HandlerTimeoutError, PoolStartError, WorkerCrashError, WorkerStartError
+from ._options import resolve_worker_count
+
+__all__ = [
+    "HandlerTimeoutError",
+    "PoolStartError",
+    "ProcessPoolDispatcher",
+    "WorkerCrashError",
+    "WorkerStartError",
+    "resolve_worker_count",
+]

@@ -1,0 +1,497 @@
+"""The supervisor thread: a table of worker processes by pid, each tended on its own.
+
+In the manner of gunicorn's arbiter, it keeps ``workers`` processes alive:
+it spawns the missing ones (backing off while starts fail), greets the
+connections they make, reaps each one that ends and replaces it, kills the
+one whose request ran past its deadline and the one that does not start in
+time. Nobody else notices: the other workers keep serving meanwhile. What
+the requests on a worker become is the pool's business (:class:`PoolSide`,
+the dispatcher); the supervisor only tells it when a worker is ready or gone::
+
+    supervisor thread: select(listener, wake-up, sentinels, greetings,
+                              channels until the I/O loop takes them,
+                              channels with unsent bytes,
+                              timeout = next deadline / start deadline / back-off)
+      ├─▶ listener: a worker connects ─▶ greet: Lifeline │ Hello │ InitFailed
+      │     Hello ─▶ pool.worker_ready(worker)         (its channel joins the book)
+      ├─▶ sentinel: a process ended ─▶ reap ─▶ pool.worker_gone(worker)
+      │     (its running request fails, the rest go elsewhere) ─▶ spawn again
+      ├─▶ deadline passed ─▶ pool.expire() ─▶ psutil kill of that worker's tree
+      └─▶ fewer than wanted ─▶ spawn (all at once; one at a time while backing off)
+
+Until the I/O loop attaches, the supervisor also hosts the channels (it
+implements the loop's ``call_soon`` / ``add_reader`` / ``remove_reader``).
+An unexpected error in a pass is logged, and supervision goes on.
+"""
+
+from __future__ import annotations
+
+import atexit
+import collections
+import contextlib
+import logging
+import secrets
+import selectors
+import socket
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from .._channel import Channel, Listener
+from .._dispatch import LoopHooks
+from .._worker import Hello, InitFailed, Lifeline
+from ._backoff import StartBackoff
+from ._errors import PoolStartError
+from ._process import WorkerProcess, read_introduction
+
+logger = logging.getLogger("mpreqrep")
+
+WORKER_START_TIMEOUT_S = 60.0
+"""How long a worker may take to load the handler before it is killed."""
+
+SHUTDOWN_GRACE_S = 5.0
+"""How long workers may take to exit once their channels are closed; then they are killed."""
+
+FLUSH_RETRY_S = 0.005
+"""How soon to try again to write a request that the worker's socket did not take whole."""
+
+REAP_TIMEOUT_S = 1.0
+"""How long to wait for the exit status of a process whose sentinel fired."""
+
+ERROR_PAUSE_S = 0.1
+"""Least wait after an unexpected error in a pass, so a recurring one cannot spin."""
+
+RESTART_CAUSES = ("crashed", "timed_out", "recycled", "killed")
+
+_live: weakref.WeakSet[Supervisor] = weakref.WeakSet()
+
+
+class PoolSide(Protocol):
+    """What the supervisor tells the dispatcher, and asks it (supervisor thread)."""
+
+    def worker_ready(self, worker: WorkerProcess) -> None:
+        """A worker said hello: its channel joins the book."""
+
+    def worker_gone(self, worker: WorkerProcess) -> None:
+        """A ready worker's process ended: settle what it had."""
+
+    def expire(self, now: float) -> list[int]:
+        """Fail the requests past their deadline; the pids of their workers."""
+
+    def next_deadline(self, planned: float | None) -> float | None:
+        """The earliest request deadline; remember that the supervisor wakes at ``planned``."""
+
+    def shed_waiting(self) -> None:
+        """No worker is alive and a start failed: fail the waiting requests."""
+
+    def is_idle(self) -> bool:
+        """Whether no request is waiting or on a worker."""
+
+    def release(self) -> None:
+        """Close every channel (shutting down, idle): the workers exit."""
+
+    def rehost(self, host: LoopHooks) -> None:
+        """Move the channels to ``host`` (supervisor thread, the old host quiet)."""
+
+    def flush(self, channel: Channel) -> bool:
+        """Write a channel's unsent bytes; whether some still wait."""
+
+
+class Supervisor:
+    """Keeps ``workers`` worker processes alive for a pool.
+
+    Args:
+        pool: the dispatcher side.
+        workers: how many processes to keep.
+        max_rss: the memory cap handed to each worker, or ``None``.
+
+    Thread safety: :meth:`start` and :meth:`stop` from the server's thread,
+    :meth:`call_soon`, :meth:`attach`, :meth:`flush_soon` and :meth:`stats`
+    from any thread; everything else runs on the supervisor thread.
+    """
+
+    def __init__(self, pool: PoolSide, *, workers: int, max_rss: int | None) -> None:
+        self._pool = pool
+        self._wanted = workers
+        self._max_rss = max_rss
+        self._token = secrets.token_hex(16)
+        self._payload = b""
+        self._listener: Listener | None = None
+        self._selector = selectors.DefaultSelector()
+        self._wake_reader, self._wake_writer = socket.socketpair()
+        self._lock = threading.Lock()  # the call queue, the table and the counters
+        self._calls: collections.deque[Callable[[], None]] = collections.deque()
+        self._flushes: set[Channel] = set()
+        self._greeting: set[Channel] = set()
+        self._table: dict[int, WorkerProcess] = {}
+        self._backoff = StartBackoff()
+        self._restarts = dict.fromkeys(RESTART_CAUSES, 0)
+        self._start_failures = 0
+        self._thread: threading.Thread | None = None
+        self._loop: LoopHooks | None = None
+        self._booting = True
+        self._boot_done = threading.Event()
+        self._boot_error: PoolStartError | None = None
+        self._closing = False
+        self._released_at: float | None = None
+        self._running = False
+        self._error_at = 0.0
+        self._traceback_logged = False
+        self._exiting = False
+
+    # -- control (other threads) ------------------------------------------------------------
+
+    def start(self, payload: bytes) -> None:
+        """Start every worker and wait until each has loaded the handler.
+
+        Raises:
+            PoolStartError: a worker could not be spawned, could not load the
+                handler, died or did not start in time.
+        """
+        self._payload = payload
+        self._listener = Listener()
+        self._selector.register(self._listener.sock, selectors.EVENT_READ, self._accept)
+        self._wake_reader.setblocking(False)
+        self._selector.register(self._wake_reader, selectors.EVENT_READ, self._drain_wake)
+        self._running = True
+        _live.add(self)
+        self._thread = threading.Thread(target=self._run, name="mpreqrep-pool-supervisor")
+        self._thread.daemon = True
+        self._thread.start()
+        self._boot_done.wait()
+        if self._boot_error is not None:
+            self.stop()
+            raise self._boot_error
+
+    def attach(self, loop: LoopHooks) -> None:
+        """Hand the channels to the I/O loop (it reads replies from now on)."""
+        self.call_soon(lambda: self._attach(loop))
+
+    def stop(self) -> None:
+        """Once the pool is idle, close the channels, end every worker and the thread."""
+        self._closing = True
+        self.wake()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def call_soon(self, callback: Callable[[], None]) -> bool:
+        """Run ``callback`` on the supervisor thread soon; ``False`` once it has stopped."""
+        with self._lock:
+            if not self._running:
+                return False
+            self._calls.append(callback)
+        self.wake()
+        return True
+
+    def flush_soon(self, channel: Channel) -> None:
+        """Watch ``channel`` until its unsent bytes are out (any thread)."""
+        with self._lock:
+            self._flushes.add(channel)
+        self.wake()
+
+    def stats(self) -> dict[str, Any]:
+        """Wanted, alive and starting workers, restarts by cause, failed starts."""
+        with self._lock:
+            workers = list(self._table.values())
+            figures: dict[str, Any] = {
+                "workers_wanted": self._wanted,
+                "workers_alive": sum(worker.ready for worker in workers),
+                "workers_starting": sum(not worker.ready for worker in workers),
+                **{f"restarts_{cause}": count for cause, count in self._restarts.items()},
+                "start_failures": self._start_failures,
+            }
+        return figures
+
+    def ready_workers(self) -> list[WorkerProcess]:
+        """The workers serving their channel (any thread)."""
+        with self._lock:
+            return [worker for worker in self._table.values() if worker.ready]
+
+    # -- the loop hooks, for hosting channels (supervisor thread) ------------------------------
+
+    def add_reader(self, fileobj: Any, callback: Callable[[], None]) -> None:
+        """Call ``callback`` whenever ``fileobj`` is readable."""
+        self._selector.register(fileobj, selectors.EVENT_READ, lambda mask: callback())
+
+    def remove_reader(self, fileobj: Any) -> None:
+        """Stop watching ``fileobj``; harmless if unwatched."""
+        with contextlib.suppress(KeyError, ValueError):
+            self._selector.unregister(fileobj)
+
+    # -- the thread ---------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        """Tend the workers until stopping is asked and every worker has ended."""
+        try:
+            while not self._finished():
+                try:
+                    self._pass()
+                except Exception:
+                    logger.exception("process pool supervision failed; it goes on")
+                    self._error_at = time.monotonic()
+        finally:
+            self._close()
+
+    def _finished(self) -> bool:
+        """Whether stopping was asked, the channels are closed and every worker ended."""
+        return self._closing and self._released_at is not None and not self._table
+
+    def _pass(self) -> None:
+        """One round: deadlines, spawning, then wait for news and act on each."""
+        now = time.monotonic()
+        for pid in self._pool.expire(now):
+            worker = self._table.get(pid)
+            if worker is not None:
+                worker.kill("timed_out")
+        self._kill_slow_starters(now)
+        if self._closing:
+            self._wind_down(now)
+            if self._finished():
+                return
+        else:
+            self._spawn_missing(now)
+        flushing = self._flush()
+        timeout = self._timeout(now, flushing)
+        for key, mask in self._selector.select(timeout):
+            try:
+                key.data(mask)
+            except Exception:
+                logger.exception("process pool supervision failed; it goes on")
+                self._error_at = time.monotonic()
+
+    def _timeout(self, now: float, flushing: bool) -> float | None:
+        """Seconds until something is due: a deadline, a start, a back-off, a kill."""
+        planned = [
+            FLUSH_RETRY_S if flushing else None,
+            self._backoff.wait_s(now) if len(self._table) < self._wanted else None,
+            *(
+                w.started_at + WORKER_START_TIMEOUT_S - now
+                for w in self._table.values()
+                if not w.ready
+            ),
+            None
+            if self._released_at is None or not self._table
+            else self._released_at + SHUTDOWN_GRACE_S - now,
+            ERROR_PAUSE_S if now - self._error_at < ERROR_PAUSE_S else None,
+        ]
+        due = [value for value in planned if value is not None]
+        soonest = min(due, default=None)
+        deadline = self._pool.next_deadline(None if soonest is None else now + soonest)
+        if deadline is not None:
+            due.append(deadline - now)
+        return max(0.0, min(due)) if due else None
+
+    def _spawn_missing(self, now: float) -> None:
+        """Start as many workers as are missing and the back-off allows."""
+        missing = self._wanted - len(self._table)
+        starting = sum(not worker.ready for worker in self._table.values())
+        for _ in range(self._backoff.allowed(missing, starting, now)):
+            self._spawn(now)
+
+    def _spawn(self, now: float) -> None:
+        """Start one worker process and watch for its end."""
+        assert self._listener is not None, "workers start only after start()"
+        if self._exiting:  # the interpreter is exiting
+            return
+        try:
+            worker = WorkerProcess(
+                self._payload, self._listener.address, self._token, self._max_rss, now
+            )
+        except Exception as exc:  # e.g. EAGAIN: out of processes
+            self._start_failed(f"cannot start a worker process: {type(exc).__name__}: {exc}", now)
+            return
+        with self._lock:
+            self._table[worker.pid] = worker
+        self._selector.register(
+            worker.sentinel, selectors.EVENT_READ, lambda mask: self._reap(worker)
+        )
+
+    def _kill_slow_starters(self, now: float) -> None:
+        """Kill the workers that did not load the handler within the start timeout."""
+        for worker in list(self._table.values()):
+            if not worker.ready and now - worker.started_at >= WORKER_START_TIMEOUT_S:
+                worker.kill(f"did not start within {WORKER_START_TIMEOUT_S} s")
+
+    def _wind_down(self, now: float) -> None:
+        """Stopping: serve what is left, then close the channels; after a grace period, kill."""
+        loop = self._loop
+        if loop is not None and not loop.call_soon(lambda: None):  # the loop has ended
+            self._loop = None
+            self._pool.rehost(self)
+        if self._released_at is None and not (self._booting or self._pool.is_idle()):
+            self._spawn_missing(now)  # a worker may die while requests still wait
+            return
+        if self._released_at is None:
+            self._released_at = now
+            self._pool.release()  # ready workers exit once their channel closes
+            for worker in list(self._table.values()):
+                if not worker.ready:  # no request on it: no need to wait
+                    worker.kill("killed")
+        elif now - self._released_at >= SHUTDOWN_GRACE_S:
+            for worker in list(self._table.values()):
+                worker.kill("killed")
+
+    # -- events (supervisor thread) -------------------------------------------------------
+
+    def _attach(self, loop: LoopHooks) -> None:
+        self._loop = loop
+        self._pool.rehost(loop)
+
+    def _accept(self, mask: int) -> None:
+        """Take every connection waiting; each is known once its first frame is read."""
+        assert self._listener is not None, "accepting only while the listener is open"
+        while (channel := self._listener.accept()) is not None:
+            self._greeting.add(channel)
+            self._selector.register(
+                channel, selectors.EVENT_READ, lambda mask, channel=channel: self._greet(channel)
+            )
+
+    def _greet(self, channel: Channel) -> None:
+        """Read a connection's first frame: a lifeline, a hello, or why loading failed."""
+        payloads = channel.receive()
+        if payloads == []:
+            return
+        self._selector.unregister(channel)
+        self._greeting.discard(channel)
+        message = read_introduction(payloads[0], self._token) if payloads else None
+        worker = self._table.get(message.pid) if message is not None else None
+        if worker is None or worker.ready:  # a stray, or a worker already gone
+            channel.close()
+        elif isinstance(message, Lifeline):
+            worker.lifeline = channel
+        elif isinstance(message, Hello):
+            self._ready(worker, channel)
+        else:
+            assert isinstance(message, InitFailed)
+            channel.close()
+            self._log_init_failure(message)
+            worker.init_failure = message
+
+    def _ready(self, worker: WorkerProcess, channel: Channel) -> None:
+        """A worker loaded the handler: it joins the pool."""
+        worker.channel = channel
+        self._backoff.succeeded()
+        self._traceback_logged = False
+        self._pool.worker_ready(worker)
+        if self._booting and len(self.ready_workers()) == self._wanted:
+            self._booting = False
+            self._boot_done.set()
+        elif not self._booting:
+            logger.info("worker %d is ready", worker.pid)
+
+    def _reap(self, worker: WorkerProcess) -> None:
+        """A worker process ended: forget it, settle its requests, replace it."""
+        if not worker.ready:  # what it sent before it ended may still wait: read it first
+            self._accept(selectors.EVENT_READ)
+            for channel in list(self._greeting):
+                self._greet(channel)
+        self._selector.unregister(worker.sentinel)
+        status = worker.reap(timeout=REAP_TIMEOUT_S)
+        with self._lock:
+            del self._table[worker.pid]
+        if not worker.ready:
+            failure = worker.init_failure
+            reason = failure.summary if failure else worker.cause or f"exit status {status}"
+            self._start_failed(f"worker {worker.pid} failed to start: {reason}", time.monotonic())
+            return
+        cause = worker.cause or "crashed"
+        if self._released_at is None:  # not a worker ending as the pool stops
+            with self._lock:
+                self._restarts[cause if cause in self._restarts else "killed"] += 1
+            level = logging.INFO if cause == "recycled" else logging.WARNING
+            logger.log(level, "worker %d ended (%s, exit status %s)", worker.pid, cause, status)
+        self._pool.worker_gone(worker)
+
+    def _start_failed(self, reason: str, now: float) -> None:
+        """Count a failed start: during start(), fail it; later, back off and retry."""
+        with self._lock:
+            self._start_failures += 1
+        if self._booting:
+            if self._boot_error is None:
+                self._boot_error = PoolStartError(reason)
+            self._closing = True
+            self._boot_done.set()
+            return
+        delay = self._backoff.failed(now)
+        logger.error("%s; trying again in %.1f s", reason, delay)
+        if not self.ready_workers():
+            self._pool.shed_waiting()
+
+    def _log_init_failure(self, message: InitFailed) -> None:
+        """The handler's traceback, once per streak of failed starts."""
+        if not self._traceback_logged:
+            self._traceback_logged = True
+            logger.error(
+                "worker %d could not load the handler:\n%s", message.pid, message.traceback
+            )
+
+    def _flush(self) -> bool:
+        """Write what waits in the channels' outboxes; whether some still wait."""
+        with self._lock:
+            channels = list(self._flushes)
+        waiting = {channel for channel in channels if self._pool.flush(channel)}
+        with self._lock:
+            self._flushes -= set(channels) - waiting
+            return bool(self._flushes)
+
+    def _drain_wake(self, mask: int) -> None:
+        """Empty the wake-up socket and run the callbacks queued by :meth:`call_soon`."""
+        with contextlib.suppress(BlockingIOError):
+            while self._wake_reader.recv(4096):
+                pass
+        self._run_calls()
+
+    def _run_calls(self) -> None:
+        """Run the queued callbacks in order; one that fails is logged."""
+        while True:
+            with self._lock:
+                if not self._calls:
+                    return
+                callback = self._calls.popleft()
+            try:
+                callback()
+            except Exception:
+                logger.exception("process pool supervision failed; it goes on")
+
+    def wake(self) -> None:
+        """Make the supervisor's wait return (any thread)."""
+        with contextlib.suppress(OSError):  # full (a wake-up is pending) or closed
+            self._wake_writer.send(b"\0")
+
+    def _close(self) -> None:
+        """Release the listener, the selector and the wake-up socket; run late calls."""
+        with self._lock:
+            self._running = False
+        self._run_calls()
+        for worker in list(self._table.values()):  # only after an error: kill, reap
+            worker.kill("killed")
+            worker.reap(timeout=SHUTDOWN_GRACE_S)
+        self._table.clear()
+        for channel in self._greeting:
+            channel.close()
+        if self._listener is not None:
+            self._listener.close()
+        self._selector.close()
+        self._wake_reader.close()
+        self._wake_writer.close()
+        _live.discard(self)
+        self._boot_done.set()
+
+    def kill_all(self) -> None:
+        """Kill every worker now and start no more (interpreter exit without a shutdown)."""
+        with self._lock:
+            self._exiting = True
+            workers = list(self._table.values())
+        for worker in workers:
+            worker.kill("killed")
+
+
+@atexit.register
+def _kill_leftover_workers() -> None:
+    """At interpreter exit, kill the workers of pools never shut down (or
+    multiprocessing's own exit hook would wait for them for ever)."""
+    for supervisor in list(_live):
+        supervisor.kill_all()
