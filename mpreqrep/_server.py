@@ -240,7 +240,14 @@ class RequestServer(threading.Thread):
 
     def stop(self) -> None:
         """Ask the server to stop; returns at once. After :meth:`join`, the
-        listener is closed and every accepted request has been answered."""
+        listener is closed and every accepted request has been answered.
+
+        The listener stays open a little longer (50 ms, or while the requests
+        accepted before the stop drain) and what arrives meanwhile is answered,
+        so yoton's idiom, ``stop()`` then at once one more request as a
+        trigger, works (see :mod:`mpreqrep._ioloop`). Idempotent; any thread,
+        a handler included.
+        """
         runtime = self._require_runtime()
         runtime.stop_requested = True
         if runtime.loop is not None:
