@@ -22,6 +22,7 @@ from ._errors import NoServerError
 from ._framing import LineReceiver, encode_message
 
 RECV_CHUNK_SIZE = 65536
+MAX_TIMEOUT_S = 1e9  # about 31 years: sockets cannot wait longer; a longer timeout waits
 
 
 def do_request(address: str, request: str, timeout: float | None = -1) -> str | None:
@@ -35,7 +36,8 @@ def do_request(address: str, request: str, timeout: float | None = -1) -> str | 
             IPv6 host in brackets, as ``"[::1]:8000"``.
         request: the request text; CRLF is appended unless present.
         timeout: seconds to wait for the whole exchange if > 0; otherwise
-            (0, negative or ``None``) wait as long as it takes.
+            (0, negative, ``None``, NaN, or more than ``MAX_TIMEOUT_S``, as
+            infinity) wait as long as it takes.
 
     Returns:
         The reply up to and including its first CRLF (or all of it if the
@@ -52,7 +54,8 @@ def do_request(address: str, request: str, timeout: float | None = -1) -> str | 
     host, port = tcp_endpoint(address)
     if not isinstance(request, str):
         raise ValueError("request should be a string.")
-    deadline = time.monotonic() + timeout if timeout is not None and timeout > 0 else None
+    waits = timeout is None or not 0 < timeout <= MAX_TIMEOUT_S  # NaN and infinity wait too
+    deadline = None if waits else time.monotonic() + timeout  # type: ignore[operator]
     try:
         sock = socket.create_connection((host, port), timeout=_remaining(deadline))
     except TimeoutError:

@@ -68,6 +68,7 @@ RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.EN
 SEND_FLAGS = getattr(socket, "MSG_MORE", 0)
 DEFER_ACCEPT_S = 1
 LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a reset
+MAX_SELECT_TIMEOUT_S = 3600.0  # a farther deadline (say 1e300 s) would overflow select()
 REPLY_SIZE_MEMORY_S = 10.0  # how long a large reply counts as the size of those to come
 STOP_LINGER_S = 0.05
 STOP_SWEEP_MAX = 1024
@@ -364,7 +365,9 @@ class IOLoop:
             deadline = deadlines.next_deadline()
             if deadline is not None and (earliest is None or deadline < earliest):
                 earliest = deadline
-        return None if earliest is None else max(earliest - time.monotonic(), 0.0)
+        if earliest is None:
+            return None
+        return min(max(earliest - time.monotonic(), 0.0), MAX_SELECT_TIMEOUT_S)
 
     # -- accepting ----------------------------------------------------------------------
 

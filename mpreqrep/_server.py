@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import signal
 import socket
 import threading
@@ -386,11 +387,16 @@ def _check_options(options: _Options, executor: Executor | None) -> None:
         raise ValueError("give either workers or executor, not both")
     for name in ("request_timeout_s", "max_worker_memory", "max_pending", "max_buffered_bytes"):
         value = getattr(options, name)
-        if value is not None and value <= 0:
-            raise ValueError(f"{name.removesuffix('_s')} must be positive, not {value!r}")
+        if value is not None and not 0 < value < math.inf:  # NaN and infinity too: None is no limit
+            raise ValueError(
+                f"{name.removesuffix('_s')} must be positive and finite, not {value!r}"
+            )
     for name in ("max_request_size", "read_timeout_s", "max_threads"):
-        if getattr(options, name) <= 0:
-            raise ValueError(f"{name.removesuffix('_s')} must be positive")
+        value = getattr(options, name)
+        if not 0 < value < math.inf:
+            raise ValueError(
+                f"{name.removesuffix('_s')} must be positive and finite, not {value!r}"
+            )
 
 
 def _resolve_workers(workers: int | str | None) -> int | None:

@@ -74,8 +74,8 @@ def test_non_str_request_is_a_value_error(request_: object) -> None:
         mpreqrep.do_request("localhost:1", request_)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("timeout", [0, -1, None])
-def test_non_positive_timeout_waits(timeout: float | None) -> None:
+@pytest.mark.parametrize("timeout", [0, -1, None, float("inf"), float("nan"), 1e300])
+def test_non_positive_or_endless_timeout_waits(timeout: float | None) -> None:
     with running() as server:
         assert mpreqrep.do_request(server.address, "w", timeout=timeout) == "Requested: w\r\n"
 

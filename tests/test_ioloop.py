@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 import mpreqrep
+from mpreqrep import _ioloop as ioloop_module
 from mpreqrep._dispatch import Dispatcher
 from mpreqrep._ioloop import IOLoop
 
@@ -455,3 +456,13 @@ def test_requests_in_flight_count_as_large_as_the_last_large_reply(serving: list
     second.join(10 * UNIT)
     third.join(10 * UNIT)
     assert sorted(replies, key=len) == ["small\r\n", "small\r\n", "a" * 300_000 + "\r\n"]
+
+
+def test_a_far_deadline_never_overflows_select(serving: list[IOLoop]) -> None:
+    listener = socket.create_server(("127.0.0.1", 0), backlog=64)
+    loop = start_loop(serving, listener, EchoDispatcher(), read_timeout_s=1e300)
+    with socket.create_connection(listener.getsockname(), timeout=10 * UNIT):
+        assert wait_until(lambda: loop.counts()[2] == 1, 10 * UNIT)  # reading, 1e300 s left
+        assert loop._select_timeout() == ioloop_module.MAX_SELECT_TIMEOUT_S
+    address = f"localhost:{listener.getsockname()[1]}"
+    assert mpreqrep.do_request(address, "alive", 10 * UNIT) == "echo alive\r\n"

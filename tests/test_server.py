@@ -91,6 +91,10 @@ def test_bad_address_is_a_value_error(address: str) -> None:
         {"read_timeout": -1},
         {"max_pending": 0},
         {"max_threads": 0},
+        {"read_timeout": float("inf")},  # would overflow select(): no limit is not an option
+        {"read_timeout": float("nan")},
+        {"request_timeout": float("nan")},
+        {"max_buffered_bytes": 0},
     ],
 )
 def test_bad_options_are_value_errors(options: dict[str, object]) -> None:
