@@ -18,8 +18,14 @@ Data flow across threads::
     SHUT_WR, close
 
 Each connection moves READING → WAITING → WRITING → CLOSED; each phase has
-its own deadline (read timeout, request timeout, write timeout). Every socket
-is closed in exactly one place, :meth:`IOLoop._close`.
+its own deadline (read timeout, request timeout, write timeout: the last one
+measures progress). Every socket is closed in exactly one place,
+:meth:`IOLoop._close`. Every step of a connection runs under one guard,
+:meth:`IOLoop._guarded`: whatever it raises costs only that connection, so
+the loop ends only through :meth:`IOLoop.request_stop` (or Ctrl-C on the
+main thread). The bytes buffered for connections are kept under a bound by
+:class:`_BufferBudget`: past it, no connection is accepted and no request
+dispatched.
 
 Stopping (so that yoton's idiom, ``stop()`` then at once one more request as a
 trigger, is answered): after :meth:`IOLoop.request_stop` the listener stays
@@ -147,6 +153,51 @@ class _Deadlines:
         return next(iter(self._entries.values()), None)
 
 
+class _BufferBudget:
+    """The request and reply bytes buffered for connections, against a bound.
+
+    It also sizes the replies still to come: each request in flight counts
+    as large as the largest reply of the last ``REPLY_SIZE_MEMORY_S`` seconds,
+    so that a burst of big replies overshoots the bound by about one at most.
+
+    Args:
+        bound: bytes past which there is no room; ``None`` for no bound.
+    """
+
+    def __init__(self, bound: int | None) -> None:
+        self._bound = bound
+        self.held = 0
+        self._large_reply_size = 0
+        self._large_reply_until = 0.0
+
+    def hold(self, conn: _Connection, size: int) -> None:
+        """Record that ``size`` bytes are buffered for ``conn`` now."""
+        self.held += size - conn.held
+        conn.held = size
+
+    def note_reply(self, size: int) -> None:
+        """Count a reply of ``size`` bytes about to be written."""
+        if self._bound is None:
+            return
+        now = time.monotonic()
+        if size >= self._large_reply_size or now >= self._large_reply_until:
+            self._large_reply_size = size
+            self._large_reply_until = now + REPLY_SIZE_MEMORY_S
+
+    def has_room(self, pending: int) -> bool:
+        """Whether one more request fits beside ``pending`` ones whose replies are
+        still to come. With nothing held or pending, one request may always go."""
+        bound = self._bound
+        if bound is None:
+            return True
+        if self.held >= bound:
+            return False
+        if not pending:
+            return True
+        expected = self._large_reply_size if time.monotonic() < self._large_reply_until else 0
+        return self.held + pending * expected < bound
+
+
 def _defer_accept(listener: socket.socket) -> None:
     """Linux: have the kernel hold a new connection until its first bytes (or FIN).
 
@@ -228,10 +279,7 @@ class IOLoop:
         self._dispatcher = dispatcher
         self._max_request_size = max_request_size
         self._max_pending = max_pending
-        self._max_buffered_bytes = max_buffered_bytes
-        self._held_bytes = 0
-        self._large_reply_size = 0
-        self._large_reply_until = 0.0
+        self._buffers = _BufferBudget(max_buffered_bytes)
         self._on_accept = on_accept
         self._selector = selectors.DefaultSelector()
         self._wake_reader, self._wake_writer = socket.socketpair()
@@ -296,7 +344,7 @@ class IOLoop:
     @property
     def buffered_bytes(self) -> int:
         """Request and reply bytes buffered for connections now (any thread)."""
-        return self._held_bytes
+        return self._buffers.held
 
     def counts(self) -> tuple[int, int, int]:
         """Requests in flight, requests queued for room, connections still reading."""
@@ -437,32 +485,7 @@ class IOLoop:
         pending = len(self._in_flight) + extra
         if self._max_pending is not None and pending >= self._max_pending:
             return False
-        return self._max_buffered_bytes is None or self._buffer_has_room(pending)
-
-    def _buffer_has_room(self, pending: int) -> bool:
-        """Whether the bytes held, plus the replies ``pending`` requests will bring
-        (each counted as large as the largest reply of the last few seconds),
-        stay under the bound. With nothing held or pending, one request may go."""
-        bound = self._max_buffered_bytes
-        assert bound is not None
-        if self._held_bytes >= bound:
-            return False
-        if not pending:
-            return True
-        expected = self._large_reply_size if time.monotonic() < self._large_reply_until else 0
-        return self._held_bytes + pending * expected < bound
-
-    def _note_reply_size(self, size: int) -> None:
-        """Remember the largest reply of the last ``REPLY_SIZE_MEMORY_S`` seconds."""
-        now = time.monotonic()
-        if size >= self._large_reply_size or now >= self._large_reply_until:
-            self._large_reply_size = size
-            self._large_reply_until = now + REPLY_SIZE_MEMORY_S
-
-    def _hold(self, conn: _Connection, size: int) -> None:
-        """Record that ``size`` bytes are buffered for ``conn`` now."""
-        self._held_bytes += size - conn.held
-        conn.held = size
+        return self._buffers.has_room(pending)
 
     def _on_accept_error(self, exc: OSError) -> None:
         """Back off on resource exhaustion; ignore a peer that gave up (ECONNABORTED)."""
@@ -513,7 +536,7 @@ class IOLoop:
             self._drop(conn, f"request too large ({exc})")
             return
         if request is None:
-            self._hold(conn, conn.receiver.buffered_size)
+            self._buffers.hold(conn, conn.receiver.buffered_size)
             self._watch(conn, selectors.EVENT_READ)
         else:
             self._submit(conn, request)
@@ -531,7 +554,7 @@ class IOLoop:
         """Start the request's wait: dispatch it now, or queue it while the
         dispatcher holds ``max_pending`` requests."""
         self._unwatch(conn)
-        self._hold(conn, 0)
+        self._buffers.hold(conn, 0)
         conn.phase = WAITING
         self._request_deadlines.schedule(conn, time.monotonic())
         if self._queued or not self._has_room():
@@ -604,9 +627,8 @@ class IOLoop:
         conn.phase = WRITING
         conn.future = None
         conn.outgoing = outgoing
-        self._hold(conn, len(outgoing))
-        if self._max_buffered_bytes is not None:
-            self._note_reply_size(len(outgoing))
+        self._buffers.hold(conn, len(outgoing))
+        self._buffers.note_reply(len(outgoing))
         self._write(conn)
 
     def _fail(self, conn: _Connection, exc: BaseException) -> None:
@@ -636,7 +658,7 @@ class IOLoop:
             return
         if sent < len(conn.outgoing):
             conn.outgoing = memoryview(conn.outgoing)[sent:]
-            self._hold(conn, len(conn.outgoing))
+            self._buffers.hold(conn, len(conn.outgoing))
             if sent or conn.events != selectors.EVENT_WRITE:
                 self._write_deadlines.schedule(conn, time.monotonic())
             self._watch(conn, selectors.EVENT_WRITE)
@@ -703,7 +725,7 @@ class IOLoop:
         conn.phase = CLOSED
         self._connections.discard(conn)
         self._forget_deadline(conn)
-        self._hold(conn, 0)
+        self._buffers.hold(conn, 0)
         try:
             self._unwatch(conn)
         finally:
