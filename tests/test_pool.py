@@ -26,7 +26,7 @@ from mpreqrep._pool import (
     ProcessPoolDispatcher,
     WorkerCrashError,
     WorkerStartError,
-    _dispatcher,
+    _requests,
     _supervisor,
     resolve_worker_count,
 )
@@ -484,7 +484,7 @@ def test_a_bug_reading_replies_replaces_only_that_worker(
 
 
 def test_a_reply_that_does_not_unpickle_fails_the_request_it_answers() -> None:
-    failed = _dispatcher._decode(b"not a pickle", 7)
+    failed = _requests._decode(b"not a pickle", 7)
     assert isinstance(failed, Outcome) and failed.request_id == 7
     assert "cannot read the worker's reply" in str(failed.error)
 

@@ -17,7 +17,7 @@ import pytest
 
 from mpreqrep import _worker
 from mpreqrep._channel import FrameReader, Listener, encode_frame
-from mpreqrep._pool._process import read_introduction
+from mpreqrep._pool._greeter import read_introduction
 
 from .conftest import UNIT, wait_until
 from .pool_handlers import Commands, Echo

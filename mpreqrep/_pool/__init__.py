@@ -8,10 +8,12 @@ a future of the reply text. One concern per module:
 - :mod:`._book`: sans-I/O bookkeeping: which request is on which worker,
   what to send again after a loss, deadlines, batching;
 - :mod:`._process`: one worker process: spawn (loky's process context),
-  handshake, kill (psutil), describe;
+  kill (psutil), describe; :mod:`._greeter`: the handshake of its connections;
 - :mod:`._supervisor`: the thread that keeps N processes alive, one at a
   time, gunicorn-style (a table by pid), with back-off on failed starts;
+  :mod:`._loop`: that thread's selector loop;
 - :mod:`._backoff`: when to try a failed start again (sans I/O);
+- :mod:`._requests`: the book, the futures and the channels behind one lock;
 - :mod:`._dispatcher`: the thin :class:`~mpreqrep._dispatch.Dispatcher`;
 - :mod:`._options`, :mod:`._errors`: ``workers="auto"``, range checks, errors.
 

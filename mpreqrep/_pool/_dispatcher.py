@@ -17,50 +17,32 @@ from then on, so a reply never changes thread::
                        expire       ─▶ book.expire: those requests fail,
                                        their workers are killed
 
-The book, the futures and the links are guarded by one lock; no call into
-the supervisor is made while holding it, except :meth:`Supervisor.wake` and
-:meth:`Supervisor.flush_soon`, which take only the supervisor's own lock.
+The book, the futures and the channels' writes are behind one lock
+(:class:`~._requests.Requests`); no call into the supervisor is made while
+holding it, except :meth:`Supervisor.wake` and :meth:`Supervisor.flush_soon`,
+which take only the supervisor's own lock.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import itertools
 import logging
-import pickle
-import threading
-import time
 from collections.abc import Callable
-from concurrent.futures import Future, InvalidStateError
+from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 from loky.backend.reduction import dumps as loky_dumps
 
-from .._channel import Channel, encode_frame
+from .._channel import Channel
 from .._dispatch import Dispatcher, Handler, LoopHooks
-from .._worker import Outcome, Retiring
-from ._book import Book, Send
-from ._errors import (
-    HandlerTimeoutError,
-    PoolStartError,
-    RemoteTraceback,
-    WorkerCrashError,
-    WorkerStartError,
-)
+from ._errors import PoolStartError
 from ._options import check_options
 from ._process import WorkerProcess
+from ._requests import Requests
 from ._supervisor import Supervisor
 
 logger = logging.getLogger("mpreqrep")
-
-
-class _Pending(NamedTuple):
-    """A request from ``submit`` until its future is resolved."""
-
-    text: str
-    future: Future[str]
 
 
 @dataclass(eq=False)
@@ -116,17 +98,14 @@ class ProcessPoolDispatcher(Dispatcher):
     ) -> None:
         check_options(workers, request_timeout_s, max_worker_memory)
         self._handler = handler
-        self._timeout_s = request_timeout_s
         self._max_rss = max_worker_memory
-        self._lock = threading.Lock()  # the book, the pending requests, the links, the counts
-        self._book = Book(request_timeout_s)
-        self._pending: dict[int, _Pending] = {}
-        self._links: dict[int, _Link] = {}
-        self._ids = itertools.count()
-        self._counts = dict.fromkeys(("crashed", "timed_out", "shed"), 0)
-        self._refusal: str | None = None
-        self._wakes_at: float | None = None
         self._supervisor = Supervisor(self, workers=workers, max_rss=max_worker_memory)
+        self._requests = Requests(
+            request_timeout_s,
+            wake=self._supervisor.wake,
+            flush_soon=self._supervisor.flush_soon,
+        )
+        self._links: dict[int, _Link] = {}  # supervisor thread only
         self._host: LoopHooks = self._supervisor
         self._started = False
 
@@ -159,20 +138,7 @@ class ProcessPoolDispatcher(Dispatcher):
             :class:`WorkerStartError`, or with ``RuntimeError`` once the
             dispatcher is shut down.
         """
-        future: Future[str] = Future()
-        future.set_running_or_notify_cancel()  # it runs (or waits) from now on
-        with self._lock:
-            refusal = self._refusal
-            if refusal is None:
-                request_id = next(self._ids)
-                self._pending[request_id] = _Pending(request, future)
-                self._send(self._book.submit(request_id, self._now()))
-                wake = self._deadline_moved()
-        if refusal is not None:
-            future.set_exception(RuntimeError(refusal))
-        elif wake:
-            self._supervisor.wake()
-        return future
+        return self._requests.submit(request)
 
     def shutdown(self) -> None:
         """Answer every request taken, then stop the workers; idempotent.
@@ -180,14 +146,10 @@ class ProcessPoolDispatcher(Dispatcher):
         Waits for running handlers (the timeout, if any, still applies). No
         worker process is left afterwards.
         """
-        with self._lock:
-            self._refusal = self._refusal or "the process pool dispatcher is shut down"
+        reason = "the process pool dispatcher is shut down"
+        self._requests.refuse(reason)
         self._supervisor.stop()
-        with self._lock:
-            left = list(self._pending.values())
-            self._pending.clear()
-        for entry in left:  # only if the workers could not be started again
-            _fail(entry.future, RuntimeError("the process pool dispatcher is shut down"))
+        self._requests.fail_all(reason)  # only if no worker could be started again
 
     def stats(self) -> dict[str, Any]:
         """Pool health and one entry per live worker (any thread).
@@ -204,15 +166,7 @@ class ProcessPoolDispatcher(Dispatcher):
         """
         supervised = self._supervisor.stats()
         ready = self._supervisor.ready_workers()
-        with self._lock:
-            figures: dict[str, Any] = {
-                **self._counts,
-                "resent": self._book.resent,
-                "batches": self._book.batches,
-                "in_flight": self._book.in_flight(),
-                "waiting": self._book.waiting(),
-            }
-            served = {worker.pid: self._book.served(worker.pid) for worker in ready}
+        figures, served = self._requests.figures(worker.pid for worker in ready)
         described = [worker.describe(served[worker.pid]) for worker in ready]
         return {
             **figures,
@@ -226,66 +180,43 @@ class ProcessPoolDispatcher(Dispatcher):
     def worker_ready(self, worker: WorkerProcess) -> None:
         """A worker said hello: host its channel and give it requests."""
         assert worker.channel is not None, "a ready worker has a channel"
-        link = _Link(worker, worker.channel, self._host)
-        with self._lock:
-            self._links[worker.pid] = link
-            self._send(self._book.add_worker(worker.pid, self._now()))
+        link = self._links[worker.pid] = _Link(worker, worker.channel, self._host)
+        self._requests.join(worker.pid, worker.channel)
         self._add_reader(link)
 
     def worker_gone(self, worker: WorkerProcess) -> None:
         """A ready worker's process ended: on its channel's host, settle what it had."""
-        link = self._links.get(worker.pid)
+        link = self._links.pop(worker.pid, None)
         if link is not None:
             self._on_host(link, functools.partial(self._end_link, link, drain=True))
 
     def expire(self, now: float) -> list[int]:
         """Fail the requests that ran past the timeout; returns their workers' pids."""
-        if self._timeout_s is None:
-            return []
-        with self._lock:
-            expired = [(pid, self._pending.pop(rid)) for pid, rid in self._book.expire(now)]
-            self._counts["timed_out"] += len(expired)
-        for pid, entry in expired:
-            logger.warning("a request ran past %s s in worker %d; killing it", self._timeout_s, pid)
-            _fail(entry.future, HandlerTimeoutError(f"handle_request ran past {self._timeout_s} s"))
-        return [pid for pid, _ in expired]
+        return self._requests.expire(now)
 
     def next_deadline(self, planned: float | None) -> float | None:
         """The earliest request deadline; the supervisor wakes at the earlier of both."""
-        with self._lock:
-            deadline = self._book.next_deadline()
-            times = [when for when in (planned, deadline) if when is not None]
-            self._wakes_at = min(times, default=None)
-        return deadline
+        return self._requests.next_deadline(planned)
 
     def shed_waiting(self) -> None:
         """Fail the waiting requests: no worker is alive and none could start."""
-        with self._lock:
-            shed = [self._pending.pop(rid) for rid in self._book.shed_waiting()]
-            self._counts["shed"] += len(shed)
-        if shed:
-            logger.error("no worker could start: %d waiting requests fail", len(shed))
-        for entry in shed:
-            _fail(entry.future, WorkerStartError("no worker process could be started"))
+        self._requests.shed()
 
     def is_idle(self) -> bool:
         """Whether no request is waiting or on a worker."""
-        with self._lock:
-            return self._book.is_idle()
+        return self._requests.is_idle()
 
     def release(self) -> None:
         """Close every channel on its host: the workers exit."""
-        with self._lock:
-            links = list(self._links.values())
-        for link in links:
+        for link in list(self._links.values()):
             self._on_host(link, functools.partial(self._close_channel, link))
 
     def rehost(self, host: LoopHooks) -> None:
         """Move every channel to ``host``; the old host no longer reads them."""
         old, self._host = self._host, host
-        with self._lock:
-            links = [link for link in self._links.values() if not link.lost]
-        for link in links:
+        for link in self._links.values():
+            if link.lost:  # its end of stream came; its process is not reaped yet
+                continue
             if old is self._supervisor:
                 self._supervisor.remove_reader(link.channel)
             link.host = host
@@ -293,9 +224,7 @@ class ProcessPoolDispatcher(Dispatcher):
 
     def flush(self, channel: Channel) -> bool:
         """Write a channel's unsent bytes; whether some still wait."""
-        with self._lock:
-            channel.flush()
-            return channel.has_outbox
+        return self._requests.flush(channel)
 
     # -- the host's side (the thread that reads a channel) ------------------------------------
 
@@ -312,91 +241,34 @@ class ProcessPoolDispatcher(Dispatcher):
         except Exception:
             logger.exception("reading worker %d's replies failed; replacing it", link.worker.pid)
             self._end_link(link, drain=False)
-            self._supervisor.call_soon(lambda: link.worker.kill("killed"))
 
     def _settle(self, link: _Link, payloads: list[bytes]) -> None:
-        """Resolve the futures of the replies in ``payloads`` and top the workers up."""
-        pid = link.worker.pid
-        resolved: list[tuple[Future[str], Outcome]] = []
-        retired = False
-        with self._lock:
-            now = self._now()
-            for payload in payloads:
-                message = _decode(payload, self._book.running(pid))
-                if isinstance(message, Retiring):
-                    logger.info("worker %d reached max_worker_memory; recycling it", pid)
-                    link.worker.cause = "recycled"
-                    retired |= self._book.retire(pid)
-                    continue
-                settled = self._book.settle(pid, message.request_id, message.elapsed_s, now)
-                entry = self._pending.pop(message.request_id, None) if settled.deliver else None
-                if entry is not None:
-                    resolved.append((entry.future, message))
-                retired |= settled.retired
-            self._send(self._book.top_up(now))
-            wake = self._deadline_moved()
-        for future, outcome in resolved:
-            _resolve(future, outcome)
-        if retired:
+        """Settle a worker's replies; close its channel once it retired and is idle."""
+        replies = self._requests.settle(link.worker.pid, payloads)
+        if replies.retiring:
+            logger.info("worker %d reached max_worker_memory; recycling it", link.worker.pid)
+            link.worker.cause = "recycled"
+        if replies.retired:
             self._close_channel(link)
-        if wake:
-            self._supervisor.wake()
 
     def _end_link(self, link: _Link, *, drain: bool) -> None:
         """The worker is gone: read what it sent, fail its running request, resend the rest."""
         while drain and not link.lost and (payloads := link.channel.receive()):
             self._settle(link, payloads)
+        if link.lost:
+            return
+        link.lost = True
         link.host.remove_reader(link.channel)
-        with self._lock:
-            if link.lost:
-                return
-            link.lost = True
-            link.channel.close()
-            del self._links[link.worker.pid]
-            loss = self._book.lose(link.worker.pid, self._now())
-            self._send(loss.sends)
-            victim = None if loss.running is None else self._pending.pop(loss.running, None)
-            self._counts["crashed"] += victim is not None
-            wake = self._deadline_moved()
-        if victim is not None:
-            logger.error("worker %d died running a request", link.worker.pid)
-            _fail(victim.future, WorkerCrashError("the worker process died running this request"))
-        if loss.resent:
-            logger.info(
-                "%d requests queued on worker %d go to others", len(loss.resent), link.worker.pid
-            )
+        self._requests.lose(link.worker.pid)
         if not drain:  # the end of stream came first: make sure the process ends too
             self._supervisor.call_soon(lambda: link.worker.kill("crashed"))
-        if wake:
-            self._supervisor.wake()
 
     def _close_channel(self, link: _Link) -> None:
         """Stop reading a channel and close it: its worker exits (host thread)."""
         link.host.remove_reader(link.channel)
-        with self._lock:
-            link.channel.close()
+        self._requests.close(link.channel)
 
     # -- helpers ---------------------------------------------------------------------------
-
-    def _send(self, sends: list[Send] | tuple[Send, ...]) -> None:
-        """Write each frame of requests to its worker (the lock held)."""
-        for send in sends:
-            channel = self._links[send.worker].channel
-            pending = self._pending
-            channel.send(encode_frame([(rid, pending[rid].text) for rid in send.request_ids]))
-            if channel.has_outbox:
-                self._supervisor.flush_soon(channel)
-
-    def _now(self) -> float:
-        """The clock, read only when deadlines are kept."""
-        return 0.0 if self._timeout_s is None else time.monotonic()
-
-    def _deadline_moved(self) -> bool:
-        """Whether a deadline is due before the supervisor means to wake (the lock held)."""
-        if self._timeout_s is None:
-            return False
-        deadline = self._book.next_deadline()
-        return deadline is not None and (self._wakes_at is None or deadline < self._wakes_at)
 
     def _add_reader(self, link: _Link) -> None:
         """Have the link's host read its channel (supervisor thread)."""
@@ -437,33 +309,3 @@ def _pickle_handler(handler: Handler) -> bytes:
         raise PoolStartError(
             f"cannot copy {type(handler).__qualname__} to the worker processes: {exc}"
         ) from exc
-
-
-def _decode(payload: bytes, running: int | None) -> Outcome | Retiring:
-    """A worker's message; one that does not unpickle fails the request it answers."""
-    try:
-        message: Outcome | Retiring = pickle.loads(payload)
-    except Exception as exc:
-        error = RuntimeError(f"cannot read the worker's reply: {exc!r}")
-        return Outcome(-1 if running is None else running, error=error)
-    return message
-
-
-def _resolve(future: Future[str], outcome: Outcome) -> None:
-    """Set a future from a worker's outcome, chaining the remote traceback."""
-    error = outcome.error
-    if error is None:
-        with contextlib.suppress(InvalidStateError):
-            future.set_result(outcome.reply)
-        return
-    if not isinstance(error, Exception):  # never hand the I/O loop a SystemExit
-        error = RuntimeError(f"handle_request raised {type(error).__name__}: {error}")
-    if outcome.traceback:
-        error.__cause__ = RemoteTraceback(outcome.traceback)
-    _fail(future, error)
-
-
-def _fail(future: Future[str], error: Exception) -> None:
-    """Fail a future unless its owner already gave up on it."""
-    with contextlib.suppress(InvalidStateError):
-        future.set_exception(error)

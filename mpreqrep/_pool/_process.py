@@ -5,9 +5,8 @@ interpreter, so nothing of the parent's threads or sockets leaks in), with
 :func:`~mpreqrep._worker.worker_main` as its target; psutil watches and
 kills it. The parent learns the pid at once and the process's end from its
 ``sentinel`` (both documented ``multiprocessing.Process`` API). The worker
-then connects twice (:mod:`mpreqrep._worker`): :func:`read_introduction`
-checks the token of each connection's first frame before anything is
-unpickled.
+then connects twice (:mod:`mpreqrep._worker`); :mod:`._greeter` reads
+those connections' first frames.
 
 Knows nothing of requests or of the other workers.
 """
@@ -15,26 +14,13 @@ Knows nothing of requests or of the other workers.
 from __future__ import annotations
 
 import contextlib
-import hmac
-import pickle
 from typing import Any
 
 import psutil
 from loky.backend import get_context
 
 from .._channel import Address, Channel
-from .._worker import Hello, InitFailed, Lifeline, worker_main
-
-Introduction = Lifeline | Hello | InitFailed
-
-
-def read_introduction(payload: bytes, token: str) -> Introduction | None:
-    """The message of a connection's first frame, ``None`` unless it carries ``token``."""
-    secret = token.encode()
-    if not hmac.compare_digest(payload[: len(secret)], secret):
-        return None
-    message = pickle.loads(payload[len(secret) :])
-    return message if isinstance(message, (Lifeline, Hello, InitFailed)) else None
+from .._worker import InitFailed, worker_main
 
 
 def kill_process_tree(process: psutil.Process) -> None:

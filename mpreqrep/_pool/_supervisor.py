@@ -8,13 +8,13 @@ time. Nobody else notices: the other workers keep serving meanwhile. What
 the requests on a worker become is the pool's business (:class:`PoolSide`,
 the dispatcher); the supervisor only tells it when a worker is ready or gone::
 
-    supervisor thread: select(listener, wake-up, sentinels, greetings,
+    supervisor thread: select(listener, wake-up, sentinels, lifelines, greetings,
                               channels until the I/O loop takes them,
                               channels with unsent bytes,
                               timeout = next deadline / start deadline / back-off)
       ├─▶ listener: a worker connects ─▶ greet: Lifeline │ Hello │ InitFailed
       │     Hello ─▶ pool.worker_ready(worker)         (its channel joins the book)
-      ├─▶ sentinel: a process ended ─▶ reap ─▶ pool.worker_gone(worker)
+      ├─▶ sentinel / lifeline EOF: a process ended ─▶ reap ─▶ pool.worker_gone(worker)
       │     (its running request fails, the rest go elsewhere) ─▶ spawn again
       ├─▶ deadline passed ─▶ pool.expire() ─▶ psutil kill of that worker's tree
       └─▶ fewer than wanted ─▶ spawn (all at once; one at a time while backing off)
@@ -27,16 +27,12 @@ An unexpected error in a pass is logged, and supervision goes on.
 from __future__ import annotations
 
 import atexit
-import collections
-import contextlib
 import logging
+import os
 import secrets
-import selectors
-import socket
 import threading
 import time
 import weakref
-from collections.abc import Callable
 from typing import Any, Protocol
 
 from .._channel import Channel, Listener
@@ -44,7 +40,9 @@ from .._dispatch import LoopHooks
 from .._worker import Hello, InitFailed, Lifeline
 from ._backoff import StartBackoff
 from ._errors import PoolStartError
-from ._process import WorkerProcess, read_introduction
+from ._greeter import Greeter, Introduction
+from ._loop import SelectLoop
+from ._process import WorkerProcess
 
 logger = logging.getLogger("mpreqrep")
 
@@ -56,6 +54,10 @@ SHUTDOWN_GRACE_S = 5.0
 
 FLUSH_RETRY_S = 0.005
 """How soon to try again to write a request that the worker's socket did not take whole."""
+
+SENTINELS_SELECTABLE = os.name == "posix"
+"""Process sentinels are file descriptors a selector can watch on POSIX; elsewhere
+(Windows handles) a worker's end shows as the end of its lifeline socket only."""
 
 REAP_TIMEOUT_S = 1.0
 """How long to wait for the exit status of a process whose sentinel fired."""
@@ -99,7 +101,7 @@ class PoolSide(Protocol):
         """Write a channel's unsent bytes; whether some still wait."""
 
 
-class Supervisor:
+class Supervisor(SelectLoop):
     """Keeps ``workers`` worker processes alive for a pool.
 
     Args:
@@ -113,18 +115,16 @@ class Supervisor:
     """
 
     def __init__(self, pool: PoolSide, *, workers: int, max_rss: int | None) -> None:
+        super().__init__()
         self._pool = pool
         self._wanted = workers
         self._max_rss = max_rss
         self._token = secrets.token_hex(16)
         self._payload = b""
         self._listener: Listener | None = None
-        self._selector = selectors.DefaultSelector()
-        self._wake_reader, self._wake_writer = socket.socketpair()
-        self._lock = threading.Lock()  # the call queue, the table and the counters
-        self._calls: collections.deque[Callable[[], None]] = collections.deque()
+        self._greeter: Greeter | None = None
+        self._lock = threading.Lock()  # the table, the counters and the flushes
         self._flushes: set[Channel] = set()
-        self._greeting: set[Channel] = set()
         self._table: dict[int, WorkerProcess] = {}
         self._backoff = StartBackoff()
         self._restarts = dict.fromkeys(RESTART_CAUSES, 0)
@@ -136,7 +136,6 @@ class Supervisor:
         self._boot_error: PoolStartError | None = None
         self._closing = False
         self._released_at: float | None = None
-        self._running = False
         self._error_at = 0.0
         self._traceback_logged = False
         self._exiting = False
@@ -152,10 +151,7 @@ class Supervisor:
         """
         self._payload = payload
         self._listener = Listener()
-        self._selector.register(self._listener.sock, selectors.EVENT_READ, self._accept)
-        self._wake_reader.setblocking(False)
-        self._selector.register(self._wake_reader, selectors.EVENT_READ, self._drain_wake)
-        self._running = True
+        self._greeter = Greeter(self, self._listener, self._token, self._introduced)
         _live.add(self)
         self._thread = threading.Thread(target=self._run, name="mpreqrep-pool-supervisor")
         self._thread.daemon = True
@@ -176,15 +172,8 @@ class Supervisor:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
-
-    def call_soon(self, callback: Callable[[], None]) -> bool:
-        """Run ``callback`` on the supervisor thread soon; ``False`` once it has stopped."""
-        with self._lock:
-            if not self._running:
-                return False
-            self._calls.append(callback)
-        self.wake()
-        return True
+        else:  # never started
+            self.close_loop()
 
     def flush_soon(self, channel: Channel) -> None:
         """Watch ``channel`` until its unsent bytes are out (any thread)."""
@@ -209,17 +198,6 @@ class Supervisor:
         """The workers serving their channel (any thread)."""
         with self._lock:
             return [worker for worker in self._table.values() if worker.ready]
-
-    # -- the loop hooks, for hosting channels (supervisor thread) ------------------------------
-
-    def add_reader(self, fileobj: Any, callback: Callable[[], None]) -> None:
-        """Call ``callback`` whenever ``fileobj`` is readable."""
-        self._selector.register(fileobj, selectors.EVENT_READ, lambda mask: callback())
-
-    def remove_reader(self, fileobj: Any) -> None:
-        """Stop watching ``fileobj``; harmless if unwatched."""
-        with contextlib.suppress(KeyError, ValueError):
-            self._selector.unregister(fileobj)
 
     # -- the thread ---------------------------------------------------------------------------
 
@@ -254,13 +232,8 @@ class Supervisor:
         else:
             self._spawn_missing(now)
         flushing = self._flush()
-        timeout = self._timeout(now, flushing)
-        for key, mask in self._selector.select(timeout):
-            try:
-                key.data(mask)
-            except Exception:
-                logger.exception("process pool supervision failed; it goes on")
-                self._error_at = time.monotonic()
+        if self.run_once(self._timeout(now, flushing)):
+            self._error_at = time.monotonic()
 
     def _timeout(self, now: float, flushing: bool) -> float | None:
         """Seconds until something is due: a deadline, a start, a back-off, a kill."""
@@ -305,9 +278,8 @@ class Supervisor:
             return
         with self._lock:
             self._table[worker.pid] = worker
-        self._selector.register(
-            worker.sentinel, selectors.EVENT_READ, lambda mask: self._reap(worker)
-        )
+        if SENTINELS_SELECTABLE:
+            self.watch(worker.sentinel, lambda mask: self._reap(worker))
 
     def _kill_slow_starters(self, now: float) -> None:
         """Kill the workers that did not load the handler within the start timeout."""
@@ -340,32 +312,17 @@ class Supervisor:
         self._loop = loop
         self._pool.rehost(loop)
 
-    def _accept(self, mask: int) -> None:
-        """Take every connection waiting; each is known once its first frame is read."""
-        assert self._listener is not None, "accepting only while the listener is open"
-        while (channel := self._listener.accept()) is not None:
-            self._greeting.add(channel)
-            self._selector.register(
-                channel, selectors.EVENT_READ, lambda mask, channel=channel: self._greet(channel)
-            )
-
-    def _greet(self, channel: Channel) -> None:
-        """Read a connection's first frame: a lifeline, a hello, or why loading failed."""
-        payloads = channel.receive()
-        if payloads == []:
-            return
-        self._selector.unregister(channel)
-        self._greeting.discard(channel)
-        message = read_introduction(payloads[0], self._token) if payloads else None
-        worker = self._table.get(message.pid) if message is not None else None
+    def _introduced(self, channel: Channel, message: Introduction) -> None:
+        """A worker's connection said what it is: a lifeline, a hello, or why loading failed."""
+        worker = self._table.get(message.pid)
         if worker is None or worker.ready:  # a stray, or a worker already gone
             channel.close()
         elif isinstance(message, Lifeline):
-            worker.lifeline = channel
+            worker.lifeline = channel  # its end of stream is the worker's end, too
+            self.watch(channel, lambda mask: self._on_lifeline(worker))
         elif isinstance(message, Hello):
             self._ready(worker, channel)
         else:
-            assert isinstance(message, InitFailed)
             channel.close()
             self._log_init_failure(message)
             worker.init_failure = message
@@ -382,13 +339,24 @@ class Supervisor:
         elif not self._booting:
             logger.info("worker %d is ready", worker.pid)
 
+    def _on_lifeline(self, worker: WorkerProcess) -> None:
+        """A worker's lifeline is readable: at its end of stream the worker has ended."""
+        assert worker.lifeline is not None, "watched only once connected"
+        if worker.lifeline.receive() is None:
+            self._reap(worker)
+
     def _reap(self, worker: WorkerProcess) -> None:
-        """A worker process ended: forget it, settle its requests, replace it."""
-        if not worker.ready:  # what it sent before it ended may still wait: read it first
-            self._accept(selectors.EVENT_READ)
-            for channel in list(self._greeting):
-                self._greet(channel)
-        self._selector.unregister(worker.sentinel)
+        """A worker process ended: forget it, settle its requests, replace it.
+
+        Called when its sentinel fires or its lifeline ends, whichever comes first.
+        """
+        if self._table.get(worker.pid) is not worker:  # reaped already
+            return
+        if not worker.ready and self._greeter is not None:
+            self._greeter.catch_up()  # what it sent before it ended may still wait
+        for watched in (worker.sentinel, worker.lifeline):
+            if watched is not None:
+                self.remove_reader(watched)
         status = worker.reap(timeout=REAP_TIMEOUT_S)
         with self._lock:
             del self._table[worker.pid]
@@ -437,46 +405,15 @@ class Supervisor:
             self._flushes -= set(channels) - waiting
             return bool(self._flushes)
 
-    def _drain_wake(self, mask: int) -> None:
-        """Empty the wake-up socket and run the callbacks queued by :meth:`call_soon`."""
-        with contextlib.suppress(BlockingIOError):
-            while self._wake_reader.recv(4096):
-                pass
-        self._run_calls()
-
-    def _run_calls(self) -> None:
-        """Run the queued callbacks in order; one that fails is logged."""
-        while True:
-            with self._lock:
-                if not self._calls:
-                    return
-                callback = self._calls.popleft()
-            try:
-                callback()
-            except Exception:
-                logger.exception("process pool supervision failed; it goes on")
-
-    def wake(self) -> None:
-        """Make the supervisor's wait return (any thread)."""
-        with contextlib.suppress(OSError):  # full (a wake-up is pending) or closed
-            self._wake_writer.send(b"\0")
-
     def _close(self) -> None:
         """Release the listener, the selector and the wake-up socket; run late calls."""
-        with self._lock:
-            self._running = False
-        self._run_calls()
         for worker in list(self._table.values()):  # only after an error: kill, reap
             worker.kill("killed")
             worker.reap(timeout=SHUTDOWN_GRACE_S)
         self._table.clear()
-        for channel in self._greeting:
-            channel.close()
-        if self._listener is not None:
-            self._listener.close()
-        self._selector.close()
-        self._wake_reader.close()
-        self._wake_writer.close()
+        if self._greeter is not None:
+            self._greeter.close()
+        self.close_loop()
         _live.discard(self)
         self._boot_done.set()
 

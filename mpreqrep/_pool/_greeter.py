@@ -1,0 +1,89 @@
+"""The handshake: take the connections workers make and read each one's first frame.
+
+A worker connects twice (:mod:`mpreqrep._worker`): its lifeline first, then,
+once it loaded the handler, its channel (or a connection saying why it
+could not). Each first frame is the pool's token and a message; nothing is
+unpickled from a peer that does not know the token. Runs on the
+supervisor's :class:`~._loop.SelectLoop`; knows nothing of the workers
+beyond the pid a message names.
+"""
+
+from __future__ import annotations
+
+import functools
+import hmac
+import pickle
+from collections.abc import Callable
+
+from .._channel import Channel, Listener
+from .._worker import Hello, InitFailed, Lifeline
+from ._loop import SelectLoop
+
+Introduction = Lifeline | Hello | InitFailed
+
+
+def read_introduction(payload: bytes, token: str) -> Introduction | None:
+    """The message of a connection's first frame, ``None`` unless it carries ``token``."""
+    secret = token.encode()
+    if not hmac.compare_digest(payload[: len(secret)], secret):
+        return None
+    message = pickle.loads(payload[len(secret) :])
+    return message if isinstance(message, (Lifeline, Hello, InitFailed)) else None
+
+
+class Greeter:
+    """Accepts worker connections and hands each introduced one on.
+
+    Args:
+        loop: the supervisor's loop, whose thread runs every method.
+        listener: the socket workers connect to (closed by :meth:`close`).
+        token: the pool's secret.
+        introduced: called with each connection and its message; a
+            connection that does not introduce itself properly is closed.
+    """
+
+    def __init__(
+        self,
+        loop: SelectLoop,
+        listener: Listener,
+        token: str,
+        introduced: Callable[[Channel, Introduction], None],
+    ) -> None:
+        self._loop = loop
+        self._listener = listener
+        self._token = token
+        self._introduced = introduced
+        self._waiting: set[Channel] = set()
+        loop.watch(listener.sock, self._accept)
+
+    def catch_up(self) -> None:
+        """Greet now whatever connections and first frames are already there."""
+        self._accept(0)
+        for channel in list(self._waiting):
+            self._greet(channel, 0)
+
+    def close(self) -> None:
+        """Close the listener and the connections not introduced yet."""
+        for channel in self._waiting:
+            channel.close()
+        self._waiting.clear()
+        self._listener.close()
+
+    def _accept(self, mask: int) -> None:
+        """Take every connection waiting; each is known once its first frame is read."""
+        while (channel := self._listener.accept()) is not None:
+            self._waiting.add(channel)
+            self._loop.watch(channel, functools.partial(self._greet, channel))
+
+    def _greet(self, channel: Channel, mask: int) -> None:
+        """Read a connection's first frame, once it is whole."""
+        payloads = channel.receive()
+        if payloads == []:
+            return
+        self._loop.remove_reader(channel)
+        self._waiting.discard(channel)
+        message = read_introduction(payloads[0], self._token) if payloads else None
+        if message is None:
+            channel.close()
+        else:
+            self._introduced(channel, message)

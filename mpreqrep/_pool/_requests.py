@@ -1,0 +1,275 @@
+"""The requests of one pool and the channels they travel on, behind one lock.
+
+Wraps the sans-I/O :class:`~._book.Book` with what it leaves out: the
+futures, the request texts, the channel of each worker and the frames
+written to them. Frames are written while the lock is held, so the order
+in which the book hands requests to a worker is the order the worker reads
+them, whichever thread sends. Futures are resolved after the lock is
+released. Knows nothing of processes, hosts or the supervisor: it is told
+which worker joined or was lost, and calls ``wake`` when a deadline comes
+due before the supervisor means to wake.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import pickle
+import threading
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, InvalidStateError
+from typing import Any, NamedTuple
+
+from .._channel import Channel, encode_frame
+from .._worker import Outcome, Retiring
+from ._book import Book, Send
+from ._errors import HandlerTimeoutError, RemoteTraceback, WorkerCrashError, WorkerStartError
+
+logger = logging.getLogger("mpreqrep")
+
+
+class _Pending(NamedTuple):
+    """A request from ``submit`` until its future is resolved."""
+
+    text: str
+    future: Future[str]
+
+
+class Replies(NamedTuple):
+    """What a batch of a worker's messages changed for that worker."""
+
+    retiring: bool
+    """It said it reached the memory cap."""
+    retired: bool
+    """It is retiring and has nothing left to do: close its channel."""
+
+
+class Requests:
+    """Pending requests, the book and the workers' channels (thread-safe).
+
+    Args:
+        timeout_s: the request timeout, or ``None``.
+        wake: wakes the supervisor (a deadline moved earlier).
+        flush_soon: asks the supervisor to send what a channel could not take.
+    """
+
+    def __init__(
+        self,
+        timeout_s: float | None,
+        *,
+        wake: Callable[[], None],
+        flush_soon: Callable[[Channel], None],
+    ) -> None:
+        self._timeout_s = timeout_s
+        self._wake = wake
+        self._flush_soon = flush_soon
+        self._lock = threading.Lock()
+        self._book = Book(timeout_s)
+        self._pending: dict[int, _Pending] = {}
+        self._channels: dict[int, Channel] = {}
+        self._ids = itertools.count()
+        self._counts = dict.fromkeys(("crashed", "timed_out", "shed"), 0)
+        self._refusal: str | None = None
+        self._wakes_at: float | None = None
+
+    # -- from the I/O thread ----------------------------------------------------------------
+
+    def submit(self, text: str) -> Future[str]:
+        """A future of the reply to ``text``, sent to a worker with room or queued."""
+        future: Future[str] = Future()
+        future.set_running_or_notify_cancel()  # it runs (or waits) from now on
+        with self._lock:
+            refusal = self._refusal
+            if refusal is None:
+                request_id = next(self._ids)
+                self._pending[request_id] = _Pending(text, future)
+                self._send(self._book.submit(request_id, self._now()))
+                wake = self._deadline_moved()
+        if refusal is not None:
+            future.set_exception(RuntimeError(refusal))
+        elif wake:
+            self._wake()
+        return future
+
+    # -- from a channel's host --------------------------------------------------------------
+
+    def settle(self, pid: int, payloads: list[bytes]) -> Replies:
+        """Resolve the futures of a worker's replies and top the workers up."""
+        resolved: list[tuple[Future[str], Outcome]] = []
+        retiring = retired = False
+        with self._lock:
+            now = self._now()
+            for payload in payloads:
+                message = _decode(payload, self._book.running(pid))
+                if isinstance(message, Retiring):
+                    retiring = True
+                    retired |= self._book.retire(pid)
+                    continue
+                settled = self._book.settle(pid, message.request_id, message.elapsed_s, now)
+                entry = self._pending.pop(message.request_id, None) if settled.deliver else None
+                if entry is not None:
+                    resolved.append((entry.future, message))
+                retired |= settled.retired
+            self._send(self._book.top_up(now))
+            wake = self._deadline_moved()
+        for future, outcome in resolved:
+            _resolve(future, outcome)
+        if wake:
+            self._wake()
+        return Replies(retiring, retired)
+
+    def lose(self, pid: int) -> None:
+        """A worker is gone: close its channel, fail its running request, resend the rest."""
+        with self._lock:
+            channel = self._channels.pop(pid, None)
+            if channel is None:  # lost already
+                return
+            channel.close()
+            loss = self._book.lose(pid, self._now())
+            self._send(loss.sends)
+            victim = None if loss.running is None else self._pending.pop(loss.running, None)
+            self._counts["crashed"] += victim is not None
+            wake = self._deadline_moved()
+        if victim is not None:
+            logger.error("worker %d died running a request", pid)
+            _fail(victim.future, WorkerCrashError("the worker process died running this request"))
+        if loss.resent:
+            logger.info("%d requests queued on worker %d go to others", len(loss.resent), pid)
+        if wake:
+            self._wake()
+
+    def close(self, channel: Channel) -> None:
+        """Close a channel (its worker exits); the worker stays in the book until lost."""
+        with self._lock:
+            channel.close()
+
+    # -- from the supervisor ----------------------------------------------------------------
+
+    def join(self, pid: int, channel: Channel) -> None:
+        """A worker is ready: its channel carries requests from now on."""
+        with self._lock:
+            self._channels[pid] = channel
+            self._send(self._book.add_worker(pid, self._now()))
+
+    def expire(self, now: float) -> list[int]:
+        """Fail the requests that ran past the timeout; returns their workers' pids."""
+        if self._timeout_s is None:
+            return []
+        with self._lock:
+            expired = [(pid, self._pending.pop(rid)) for pid, rid in self._book.expire(now)]
+            self._counts["timed_out"] += len(expired)
+        for pid, entry in expired:
+            logger.warning("a request ran past %s s in worker %d; killing it", self._timeout_s, pid)
+            _fail(entry.future, HandlerTimeoutError(f"handle_request ran past {self._timeout_s} s"))
+        return [pid for pid, _ in expired]
+
+    def next_deadline(self, planned: float | None) -> float | None:
+        """The earliest request deadline; the supervisor wakes at the earlier of both."""
+        with self._lock:
+            deadline = self._book.next_deadline()
+            times = [when for when in (planned, deadline) if when is not None]
+            self._wakes_at = min(times, default=None)
+        return deadline
+
+    def shed(self) -> None:
+        """Fail the waiting requests: no worker is alive and none could start."""
+        with self._lock:
+            shed = [self._pending.pop(rid) for rid in self._book.shed_waiting()]
+            self._counts["shed"] += len(shed)
+        if shed:
+            logger.error("no worker could start: %d waiting requests fail", len(shed))
+        for entry in shed:
+            _fail(entry.future, WorkerStartError("no worker process could be started"))
+
+    def flush(self, channel: Channel) -> bool:
+        """Write a channel's unsent bytes; whether some still wait."""
+        with self._lock:
+            channel.flush()
+            return channel.has_outbox
+
+    def is_idle(self) -> bool:
+        """Whether no request is waiting or on a worker."""
+        with self._lock:
+            return self._book.is_idle()
+
+    # -- from the server's thread -----------------------------------------------------------
+
+    def refuse(self, reason: str) -> None:
+        """Fail every new request with ``RuntimeError(reason)`` from now on."""
+        with self._lock:
+            self._refusal = self._refusal or reason
+
+    def fail_all(self, reason: str) -> None:
+        """Fail whatever is still pending (the workers are gone for good)."""
+        with self._lock:
+            left = list(self._pending.values())
+            self._pending.clear()
+        for entry in left:
+            _fail(entry.future, RuntimeError(reason))
+
+    def figures(self, pids: Iterable[int]) -> tuple[dict[str, Any], dict[int, int]]:
+        """The counters, and the replies each of ``pids`` gave (any thread)."""
+        with self._lock:
+            book = self._book
+            figures: dict[str, Any] = {
+                **self._counts,
+                "resent": book.resent,
+                "batches": book.batches,
+                "in_flight": book.in_flight(),
+                "waiting": book.waiting(),
+            }
+            return figures, {pid: book.served(pid) for pid in pids}
+
+    # -- helpers (the lock held) --------------------------------------------------------
+
+    def _send(self, sends: Iterable[Send]) -> None:
+        """Write each frame of requests to its worker."""
+        for send in sends:
+            channel = self._channels[send.worker]
+            pending = self._pending
+            channel.send(encode_frame([(rid, pending[rid].text) for rid in send.request_ids]))
+            if channel.has_outbox:
+                self._flush_soon(channel)
+
+    def _now(self) -> float:
+        """The clock, read only when deadlines are kept."""
+        return 0.0 if self._timeout_s is None else time.monotonic()
+
+    def _deadline_moved(self) -> bool:
+        """Whether a deadline is due before the supervisor means to wake."""
+        if self._timeout_s is None:
+            return False
+        deadline = self._book.next_deadline()
+        return deadline is not None and (self._wakes_at is None or deadline < self._wakes_at)
+
+
+def _decode(payload: bytes, running: int | None) -> Outcome | Retiring:
+    """A worker's message; one that does not unpickle fails the request it answers."""
+    try:
+        message: Outcome | Retiring = pickle.loads(payload)
+    except Exception as exc:
+        error = RuntimeError(f"cannot read the worker's reply: {exc!r}")
+        return Outcome(-1 if running is None else running, error=error)
+    return message
+
+
+def _resolve(future: Future[str], outcome: Outcome) -> None:
+    """Set a future from a worker's outcome, chaining the remote traceback."""
+    error = outcome.error
+    if error is None:
+        with contextlib.suppress(InvalidStateError):
+            future.set_result(outcome.reply)
+        return
+    if not isinstance(error, Exception):  # never hand the I/O loop a SystemExit
+        error = RuntimeError(f"handle_request raised {type(error).__name__}: {error}")
+    if outcome.traceback:
+        error.__cause__ = RemoteTraceback(outcome.traceback)
+    _fail(future, error)
+
+
+def _fail(future: Future[str], error: Exception) -> None:
+    """Fail a future unless its owner already gave up on it."""
+    with contextlib.suppress(InvalidStateError):
+        future.set_exception(error)
