@@ -22,7 +22,7 @@ from ._errors import NoServerError
 TYPE_CHECKING = False  # typing itself is not imported at run time
 if TYPE_CHECKING:
     from ._aclient import do_request_async
-    from ._remote import dask_executor
+    from ._dask import dask_executor
     from ._server import RequestServer
 del TYPE_CHECKING
 
@@ -42,7 +42,7 @@ __all__ = [
 _LAZY = {
     "RequestServer": "._server",
     "do_request_async": "._aclient",
-    "dask_executor": "._remote",
+    "dask_executor": "._dask",
 }
 
 

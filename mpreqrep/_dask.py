@@ -2,10 +2,20 @@
 
 Owns the client side of Dask delivery (registering the server's plugin,
 counting the copies the workers report, unregistering it at shutdown),
-submitting requests as impure tasks through the client, and failing fast
-when the scheduler is gone. The worker side is :mod:`mpreqrep._dask_worker`.
-Imports ``distributed`` only inside functions: this module is imported only
-once a Dask executor is in use, but stays cheap to import even then.
+submitting requests as impure tasks through a client, failing fast when the
+scheduler is gone, and :func:`dask_executor`. The worker side is
+:mod:`mpreqrep._dask_worker`. Imports ``distributed`` only inside functions,
+so ``import mpreqrep`` stays light.
+
+The client. A :class:`DaskExecutor` exposes its client. Dask's own
+``ClientExecutor`` (``Client.get_executor()``) does not, publicly: the
+dispatcher then asks one of its workers for the scheduler's address (a task
+submitted through that executor) and opens a client of its own there, closed
+with the server. Requests never go through a ``ClientExecutor``: its future
+stays pending for ever when fetching a finished result fails (see
+:func:`_submit_to_dask`), and options given to ``get_executor()`` cannot be
+read back, so they do not apply (``dask_executor`` or a factory returning
+one serves a cluster with mpreqrep's own options).
 """
 
 from __future__ import annotations
@@ -13,7 +23,7 @@ from __future__ import annotations
 import collections
 import logging
 import threading
-import uuid
+from collections.abc import Callable
 from concurrent.futures import Executor, Future
 from typing import Any
 
@@ -21,6 +31,8 @@ from ._dispatch import Handler
 from ._remote import RemoteDispatcher
 
 logger = logging.getLogger("mpreqrep")
+
+DASK_CONNECT_TIMEOUT_S = 30.0
 
 
 class DaskDispatcher(RemoteDispatcher):
@@ -38,52 +50,73 @@ class DaskDispatcher(RemoteDispatcher):
     executor (see :func:`_submit_to_dask`).
 
     Args:
-        executor: a Dask ``ClientExecutor`` or a :class:`~mpreqrep._remote.DaskExecutor`.
+        executor: a :class:`DaskExecutor` or Dask's ``ClientExecutor``.
         server: the server object whose copies the workers run.
-        client: the ``distributed.Client`` behind ``executor``.
+        token: names this served run (the plugin and its event topic).
+        owned: shut ``executor`` down with the server (one it built).
 
     Thread safety: the copy counts are written on the client's event loop
     and read by :meth:`stats` from any thread, under a lock.
     """
 
-    def __init__(self, executor: Executor, server: Handler, *, client: Any) -> None:
+    def __init__(self, executor: Executor, server: Handler, *, token: str, owned: bool) -> None:
         from distributed import KilledWorker
 
-        super().__init__(executor, server, replace=None)
-        self._client = client
+        super().__init__(executor, server, token=token, owned=owned, make_executor=None)
+        self._client: Any = None
+        self._owns_client = False
         self._killed_worker: type[Exception] = KilledWorker
-        self._plugin_name = f"mpreqrep-server-{uuid.uuid4().hex}"
-        self._copies: dict[str, str] = {}  # copy id -> worker address
+        self._plugin_name = f"mpreqrep-server-{token}"
+        self._copies_by_id: dict[str, str] = {}  # copy id -> worker address
         self._copies_lock = threading.Lock()
 
     def start(self) -> None:
-        """Put a copy of the server on every worker, now and on each joining later.
+        """Connect, and put a copy of the server on every worker, now and on joining.
 
         Raises:
+            OSError: no scheduler answered (a ``ClientExecutor``'s).
             Exception: a worker could not set the copy up (e.g. it cannot
                 import the server's class); the plugin is withdrawn again.
         """
         from ._dask_worker import ServerPlugin
 
+        self._client = self._connect()
         topic = self._plugin_name
         self._client.subscribe_topic(topic, self._count_copy)
         try:
             self._client.register_plugin(ServerPlugin(self._server, topic), name=topic)
         except BaseException:
             self._withdraw_plugin()
+            self._close_own_client()
             raise
         for event in self._client.get_events(topic):  # those logged before subscribing
             self._count_copy(event)
 
+    def _connect(self) -> Any:
+        """The executor's client, or one of our own to its scheduler."""
+        if isinstance(self._executor, DaskExecutor):
+            return self._executor.client
+        from ._dask_worker import scheduler_address
+
+        address = self._executor.submit(scheduler_address).result(DASK_CONNECT_TIMEOUT_S)
+        self._owns_client = True
+        return _open_client(address, DASK_CONNECT_TIMEOUT_S)
+
     def shutdown(self) -> None:
-        """Withdraw the server from the workers; the client stays the user's."""
-        super().shutdown()
+        """Withdraw the server from the workers, then close what the server opened."""
         self._withdraw_plugin()
+        super().shutdown()
+        self._close_own_client()
+
+    def _close_own_client(self) -> None:
+        """Close the client the dispatcher opened itself, if it did."""
+        if self._owns_client:
+            self._client.close()
 
     def stats(self) -> dict[str, Any]:
         """Those of :class:`RemoteDispatcher`, with the copies each worker reported."""
         with self._copies_lock:
-            per_worker = collections.Counter(self._copies.values())
+            per_worker = collections.Counter(self._copies_by_id.values())
         return {
             **super().stats(),
             "server_copies_sent": sum(per_worker.values()),
@@ -94,7 +127,7 @@ class DaskDispatcher(RemoteDispatcher):
         """Record one worker's report of its copy (on the client's event loop)."""
         _, copy = event
         with self._copies_lock:
-            self._copies[copy["copy"]] = copy["worker"]
+            self._copies_by_id[copy["copy"]] = copy["worker"]
 
     def _withdraw_plugin(self) -> None:
         """Unregister the plugin and the topic, unless the scheduler is gone."""
@@ -111,18 +144,20 @@ class DaskDispatcher(RemoteDispatcher):
         """``KilledWorker``: Dask gave up after workers died running the request."""
         return isinstance(error, self._killed_worker)
 
-    def _submit_call(
-        self, executor: Executor, token: str, server: Handler | None, request: str
-    ) -> Future[Any]:
+    def _submit_call(self, executor: Executor, call: Any) -> Future[Any]:
         """Submit as an impure task, or raise if the scheduler is unreachable."""
         from ._dask_worker import run_on_worker
 
         status = self._client.status
         if status != "running":
             raise ConnectionError(f"the Dask client is {status!r}: no scheduler to submit to")
-        inner = getattr(executor, "_executor", executor)  # a DaskExecutor's ClientExecutor
-        options = {**getattr(inner, "_kwargs", {}), "pure": False}  # get_executor(**options)
-        return _submit_to_dask(self._client, (run_on_worker, self._plugin_name, request), options)
+        task = (run_on_worker, self._plugin_name, call.request)
+        return _submit_to_dask(self._client, task, {"pure": False})
+
+    def _reply_text(self, result: Any) -> str:
+        """The task's result is the reply itself (copies are counted from events)."""
+        text: str = result
+        return text
 
 
 def _submit_to_dask(client: Any, call: tuple[Any, ...], options: dict[str, Any]) -> Future[Any]:
@@ -154,3 +189,65 @@ def _submit_to_dask(client: Any, call: tuple[Any, ...], options: dict[str, Any])
     attempt.add_done_callback(cancel_task)
     task.add_done_callback(settle)
     return attempt
+
+
+class DaskExecutor(Executor):
+    """An executor on a Dask cluster through a client of its own.
+
+    Made by :func:`dask_executor`. Submits impure tasks (identical requests
+    each run); :meth:`shutdown` also closes the client. ``client`` is the
+    ``distributed.Client``, for anything else one may want to ask the cluster.
+
+    Args:
+        client: a connected ``distributed.Client``, owned from now on.
+    """
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+        self._executor: Executor = client.get_executor(pure=False)
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        """Submit ``fn(*args, **kwargs)`` as a Dask task (Dask options allowed in kwargs)."""
+        return self._executor.submit(fn, *args, **kwargs)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Wait for the tasks (unless ``wait`` is false or ``cancel_futures`` true, which
+        cancel them), then close the client."""
+        self._executor.shutdown(wait=wait and not cancel_futures)
+        self.client.close()
+
+
+def dask_executor(
+    scheduler_address: str, *, connect_timeout_s: float = DASK_CONNECT_TIMEOUT_S
+) -> DaskExecutor:
+    """Connect to a Dask scheduler and return an executor on its workers.
+
+    Needs the ``mpreqrep[dask]`` extra on this machine and, on every worker,
+    mpreqrep and the module that defines the server class.
+
+    Args:
+        scheduler_address: e.g. ``"tcp://scheduler:8786"``.
+        connect_timeout_s: how long to wait for the scheduler.
+
+    Returns:
+        An executor for ``RequestServer(..., executor=...)``; use it as a
+        context manager, or call ``shutdown()``, to close its client. (Pass
+        ``functools.partial(dask_executor, address)`` instead to have the
+        server connect at start and close it at stop.)
+
+    Raises:
+        ImportError: ``distributed`` is not installed.
+        OSError: no scheduler answered within ``connect_timeout_s``.
+    """
+    try:
+        import distributed  # noqa: F401 - only to tell a missing extra apart
+    except ImportError as exc:
+        raise ImportError("Dask support needs the extra: pip install 'mpreqrep[dask]'") from exc
+    return DaskExecutor(_open_client(scheduler_address, connect_timeout_s))
+
+
+def _open_client(address: str, timeout_s: float) -> Any:
+    """A ``distributed.Client`` of mpreqrep's own (never the process's default one)."""
+    from distributed import Client
+
+    return Client(address, timeout=timeout_s, set_as_default=False)  # type: ignore[no-untyped-call]

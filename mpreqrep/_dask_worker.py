@@ -62,3 +62,9 @@ def run_on_worker(name: str, request: str) -> str:
     if not isinstance(plugin, ServerPlugin):
         raise LookupError(f"this Dask worker holds no server under {name!r}")
     return run_handler(plugin.server, request)
+
+
+def scheduler_address() -> str:
+    """The address of this worker's scheduler; a task, run through a ``ClientExecutor``."""
+    address: str = get_worker().scheduler.address
+    return address

@@ -19,7 +19,7 @@ import math
 import signal
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Executor
 from types import FrameType, TracebackType
 
@@ -79,7 +79,9 @@ class _Options:
 class _Runtime:
     """What lives only in the serving process: sockets, the loop, the dispatcher."""
 
-    def __init__(self, listener: socket.socket, executor: Executor | None) -> None:
+    def __init__(
+        self, listener: socket.socket, executor: Executor | Callable[..., Executor] | None
+    ) -> None:
         self.listener = listener
         self.executor = executor
         self.loop: IOLoop | None = None
@@ -106,7 +108,11 @@ class RequestServer(threading.Thread):
         workers: ``None`` for thread mode, an int >= 1 or ``"auto"``
             (physical cores) for a loky process pool of that many workers.
         executor: any ``concurrent.futures.Executor`` to run handlers on
-            (not owned: the server does not shut it down).
+            (not owned: the server does not shut it down), or a factory of
+            one, built at start, shut down at stop and rebuilt if a worker's
+            death breaks it; a factory that takes ``initializer`` and
+            ``initargs`` keywords (e.g. ``functools.partial(loky.ProcessPoolExecutor,
+            4)``) gets the server to each worker through them, once.
         request_timeout: seconds a request may wait for its handler before
             its client is closed without a reply, counted from the moment it
             was read (in process mode, from the moment its handler started,
@@ -129,6 +135,7 @@ class RequestServer(threading.Thread):
     Raises:
         ValueError: a malformed address, a protocol other than tcp, both
             ``workers`` and ``executor``, or a bad option value.
+        TypeError: ``executor`` is neither an ``Executor`` nor a callable.
         OSError: the address cannot be bound (e.g. the port is taken).
 
     Life cycle: as a ``threading.Thread``, a server serves once: a second
@@ -147,7 +154,7 @@ class RequestServer(threading.Thread):
         verbose: int = 0,
         *,
         workers: int | str | None = None,
-        executor: Executor | None = None,
+        executor: Executor | Callable[..., Executor] | None = None,
         request_timeout: float | None = None,
         max_request_size: int = DEFAULT_MAX_REQUEST_SIZE,
         read_timeout: float = DEFAULT_READ_TIMEOUT_S,
@@ -381,10 +388,12 @@ def _pop_async_alias(async_val: bool, kwargs: dict[str, Any]) -> bool:
     return async_val
 
 
-def _check_options(options: _Options, executor: Executor | None) -> None:
+def _check_options(options: _Options, executor: Executor | Callable[..., Executor] | None) -> None:
     """Reject contradictory or out-of-range settings early, with a clear message."""
     if executor is not None and options.workers is not None:
         raise ValueError("give either workers or executor, not both")
+    if not (executor is None or isinstance(executor, Executor) or callable(executor)):
+        raise TypeError(f"executor must be an Executor or a factory of one, not {executor!r}")
     for name in ("request_timeout_s", "max_worker_memory", "max_pending", "max_buffered_bytes"):
         value = getattr(options, name)
         if value is not None and not 0 < value < math.inf:  # NaN and infinity too: None is no limit
@@ -413,11 +422,11 @@ def _resolve_workers(workers: int | str | None) -> int | None:
 
 
 def _make_dispatcher(
-    server: RequestServer, options: _Options, executor: Executor | None
+    server: RequestServer, options: _Options, executor: Executor | Callable[..., Executor] | None
 ) -> Dispatcher:
     """Pick how ``handle_request`` runs: the one place where the modes differ."""
     if executor is not None:
-        from ._remote import executor_dispatcher
+        from ._executors import executor_dispatcher
 
         return executor_dispatcher(executor, server)
     if options.workers is not None:

@@ -5,13 +5,16 @@ Two tables, in Markdown on stdout:
 1. Throughput. For the echo and the CPU-heavy primes handler, closed-loop
    clients (one, then ``--clients``) drive a server in thread mode (the
    handler inline in the I/O thread, the baseline) and with each executor:
-   a stdlib thread pool, a loky process pool and a Dask ``LocalCluster``
-   (``--workers`` processes of one thread each). The overhead column is the
-   extra time one sequential request takes compared with thread mode.
-2. Delivery. Submit-and-wait calls straight to loky and Dask, with the
-   server shipped with every call versus sent once per worker and named by
-   a token (what mpreqrep does), for a bare server and one carrying
-   ``--ballast-kib`` of data.
+   a stdlib thread pool, loky and stdlib process pools built by the server
+   from a factory, and a Dask ``LocalCluster`` (``--workers`` processes of
+   one thread each). The overhead column is the extra time one sequential
+   request takes compared with thread mode.
+2. Delivery. Echo servers on the process pools and Dask, one bare and one
+   carrying ``--ballast-kib`` of data: the time per sequential request after
+   a warm-up, the difference (what each request pays for the bigger server:
+   nothing if the server reached each worker once), and the copies the
+   workers report in all, beside what a call that shipped the server every
+   time pays for the same difference.
 
 Every row is bounded in time (``--seconds``) and everything runs on this
 machine. Run with the project's venv: ``.venv/bin/python scripts/bench_executors.py``.
@@ -20,15 +23,16 @@ machine. Run with the project's venv: ``.venv/bin/python scripts/bench_executors
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
+import multiprocessing
 import os
 import pickle
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
-from concurrent.futures import Executor, ThreadPoolExecutor
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +46,6 @@ import loky  # noqa: E402
 
 import mpreqrep  # noqa: E402
 from mpreqrep._dispatch import run_handler  # noqa: E402
-from mpreqrep._remote import CacheMiss, run_cached  # noqa: E402
 from workers.echo import EchoServer  # noqa: E402
 from workers.primes import DEFAULT_LIMIT, PrimeServer  # noqa: E402
 
@@ -107,9 +110,10 @@ def closed_loop_rate(address: str, request: str, clients: int, seconds: float) -
     return sum(counts) / (time.monotonic() - started)
 
 
-def server_rates(
-    handler: str, executor: Executor | None, settings: Settings
-) -> tuple[float, float]:
+ExecutorOption = Executor | Callable[[], Executor] | None
+
+
+def server_rates(handler: str, executor: ExecutorOption, settings: Settings) -> tuple[float, float]:
     """Requests/s with one client and with ``settings.clients`` clients."""
     server_class, request = HANDLERS[handler]
     with server_class("127.0.0.1:0", executor=executor) as server:
@@ -120,7 +124,7 @@ def server_rates(
         )
 
 
-def throughput_table(executors: dict[str, Executor | None], settings: Settings) -> str:
+def throughput_table(executors: dict[str, ExecutorOption], settings: Settings) -> str:
     """The Markdown table of requests/s and per-request overhead."""
     lines = [
         f"| handler | executor | req/s, 1 client | req/s, {settings.clients} clients "
@@ -149,70 +153,66 @@ def mean_call_s(call: Callable[[], Any], calls: int) -> float:
     return (time.perf_counter() - started) / calls
 
 
-def shipped_call(executor: Executor, server: EchoServer) -> Callable[[], Any]:
-    """One request with the server pickled into it, as a naive dispatcher would."""
-    return lambda: executor.submit(run_handler, server, "x").result(REQUEST_TIMEOUT_S)
+def served_request_s(
+    factory: Callable[[], Executor], ballast: int, settings: Settings
+) -> tuple[float, int]:
+    """Seconds per sequential request to an echo server carrying ``ballast`` bytes,
+    after a warm-up, and the server copies its workers report at the end."""
+    server = EchoServer("127.0.0.1:0", executor=factory)
+    server.ballast = os.urandom(ballast)  # type: ignore[attr-defined]
+    with server:
+        closed_loop_rate(server.address, "x", settings.clients, settings.seconds / 4)
+        rate = closed_loop_rate(server.address, "x", 1, settings.seconds)
+        copies: int = server.stats()["server_copies_sent"]
+    return 1 / rate, copies
 
 
-def cached_call(executor: Executor, server: EchoServer, token: str) -> Callable[[], Any]:
-    """One request naming the server by token, resent with it on a miss (mpreqrep's way)."""
+def shipped_call_s(factory: Callable[[], Executor], ballast: int, settings: Settings) -> float:
+    """Seconds per call that ships a server carrying ``ballast`` bytes with it."""
+    server = EchoServer("127.0.0.1:0")
+    server.ballast = os.urandom(ballast)  # type: ignore[attr-defined]
+    executor = factory()
+    try:
+        call = functools.partial(executor.submit, run_handler, server, "x")
+        mean_call_s(lambda: call().result(REQUEST_TIMEOUT_S), settings.calls // 4)
+        return mean_call_s(lambda: call().result(REQUEST_TIMEOUT_S), settings.calls)
+    finally:
+        executor.shutdown(wait=True)
+        server.stop()
+        server.run()  # stopped before serving: closes the listening socket and returns
 
-    def call() -> Any:
-        reply = executor.submit(run_cached, token, None, "x").result(REQUEST_TIMEOUT_S)
-        if isinstance(reply, CacheMiss):
-            reply = executor.submit(run_cached, token, server, "x").result(REQUEST_TIMEOUT_S)
-        return reply
 
-    return call
-
-
-def delivery_row(name: str, executor: Executor, server: EchoServer, settings: Settings) -> str:
-    """Per-call cost of shipping ``server`` every time versus once per worker."""
-    token = uuid.uuid4().hex
-    for future in [
-        executor.submit(run_cached, token, server, "x") for _ in range(4 * settings.workers)
-    ]:
-        future.result(REQUEST_TIMEOUT_S)
-    shipped = mean_call_s(shipped_call(executor, server), settings.calls)
-    cached = mean_call_s(cached_call(executor, server, token), settings.calls)
-    size = len(pickle.dumps(server))
+def delivery_row(name: str, factory: Callable[[], Executor], settings: Settings) -> str:
+    """Per-request cost of a bigger server through mpreqrep, and shipped every call."""
+    ballast = settings.ballast_kib * 1024
+    bare_s, bare_copies = served_request_s(factory, 0, settings)
+    big_s, big_copies = served_request_s(factory, ballast, settings)
+    shipped = shipped_call_s(factory, ballast, settings) - shipped_call_s(factory, 0, settings)
+    size = len(pickle.dumps(os.urandom(ballast)))
     return (
-        f"| {name} | {size:,} B | {shipped * 1e6:,.0f} µs | {cached * 1e6:,.0f} µs "
-        f"| {(shipped - cached) * 1e6:,.0f} µs |"
+        f"| {name} | {size:,} B | {bare_s * 1e6:,.0f} µs | {big_s * 1e6:,.0f} µs "
+        f"| {(big_s - bare_s) * 1e6:+,.0f} µs | {bare_copies} / {big_copies} "
+        f"| {shipped * 1e6:+,.0f} µs |"
     )
 
 
-def delivery_table(executors: dict[str, Executor], settings: Settings) -> str:
-    """The Markdown table comparing per-call delivery with once-per-worker delivery."""
+def delivery_table(factories: dict[str, Callable[[], Executor]], settings: Settings) -> str:
+    """The Markdown table of what a bigger server costs per request after warm-up."""
     lines = [
-        "| executor | pickled server | shipped with every call | once per worker "
-        "| saved per call |",
-        "|---|---:|---:|---:|---:|",
+        "| executor | ballast pickled | per request, bare server | per request, with ballast "
+        "| difference | copies in all (bare / ballast) | difference if shipped every call |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for ballast in (0, settings.ballast_kib * 1024):
-        with ballasted_echo(ballast) as server:
-            lines.extend(delivery_row(name, ex, server, settings) for name, ex in executors.items())
+    lines.extend(delivery_row(name, factory, settings) for name, factory in factories.items())
     return "\n".join(lines)
-
-
-@contextmanager
-def ballasted_echo(size: int) -> Iterator[EchoServer]:
-    """An echo server object carrying ``size`` random bytes, never started."""
-    server = EchoServer("127.0.0.1:0")
-    server.ballast = os.urandom(size)  # type: ignore[attr-defined]
-    try:
-        yield server
-    finally:
-        server.stop()
-        server.run()  # stopped before serving: closes the listening socket and returns
 
 
 # -- main -------------------------------------------------------------------------------
 
 
 @contextmanager
-def executors(settings: Settings) -> Iterator[dict[str, Executor]]:
-    """The thread pool, loky pool and Dask cluster under test, shut down afterwards."""
+def executors(settings: Settings) -> Iterator[dict[str, ExecutorOption]]:
+    """The thread pool, the process pool factories and a Dask cluster's, closed afterwards."""
     cluster = distributed.LocalCluster(
         n_workers=settings.workers,
         threads_per_worker=1,
@@ -221,18 +221,24 @@ def executors(settings: Settings) -> Iterator[dict[str, Executor]]:
         dashboard_address=":0",
         silence_logs=logging.ERROR,
     )
-    client = distributed.Client(cluster, set_as_default=False)
-    made: dict[str, Executor] = {
-        f"ThreadPoolExecutor({settings.workers})": ThreadPoolExecutor(settings.workers),
-        f"loky, {settings.workers} processes": loky.ProcessPoolExecutor(settings.workers),
-        f"Dask LocalCluster, {settings.workers} processes": client.get_executor(pure=False),
+    spawn = multiprocessing.get_context("spawn")
+    threads = ThreadPoolExecutor(settings.workers)
+    made: dict[str, ExecutorOption] = {
+        f"ThreadPoolExecutor({settings.workers})": threads,
+        f"loky, {settings.workers} processes": functools.partial(
+            loky.ProcessPoolExecutor, settings.workers
+        ),
+        f"stdlib ProcessPoolExecutor, {settings.workers} processes": functools.partial(
+            ProcessPoolExecutor, settings.workers, mp_context=spawn
+        ),
+        f"Dask LocalCluster, {settings.workers} processes": functools.partial(
+            mpreqrep.dask_executor, cluster.scheduler_address
+        ),
     }
     try:
         yield made
     finally:
-        for executor in made.values():
-            executor.shutdown(wait=True)
-        client.close()
+        threads.shutdown(wait=True)
         cluster.close()
 
 
@@ -242,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# executors: {os.cpu_count()} CPUs, Python {sys.version.split()[0]}, {settings}\n")
     with executors(settings) as made:
         print(throughput_table({BASELINE: None, **made}, settings), end="\n\n")
-        remote = {name: ex for name, ex in made.items() if "Thread" not in name}
+        remote = {name: ex for name, ex in made.items() if callable(ex)}
         print(delivery_table(remote, settings))
     return 0
 

@@ -20,8 +20,8 @@ copies_made: Counter[str] = Counter()
 
 
 class ProbeServer(mpreqrep.RequestServer):
-    """Replies to ``pid``, ``copies``, ``identity``, ``unique S``, ``sleep S``,
-    ``raise`` and ``crash``; echoes anything else as ``echo:<text>``."""
+    """Replies to ``pid``, ``copies [S]`` (after S seconds), ``identity``, ``unique S``,
+    ``sleep S``, ``raise`` and ``crash``; echoes anything else as ``echo:<text>``."""
 
     def __init__(self, address: str, **options: Any) -> None:
         super().__init__(address, **options)
@@ -36,6 +36,7 @@ class ProbeServer(mpreqrep.RequestServer):
         if command == "pid":
             return str(os.getpid())
         if command == "copies":
+            time.sleep(float(argument or 0))
             return f"{os.getpid()} {copies_made[self.serial]}"
         if command == "identity":
             return f"{os.getpid()} {id(self)} {threading.current_thread().name}"
@@ -65,3 +66,9 @@ class UncopyableServer(mpreqrep.RequestServer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         raise RuntimeError("this server cannot be copied")
+
+
+def record_initializer_call(path: str) -> None:
+    """A user's pool initializer: appends this process's pid to the file at ``path``."""
+    with open(path, "a") as marks:
+        marks.write(f"{os.getpid()}\n")

@@ -24,8 +24,8 @@ import pytest
 
 import mpreqrep
 from mpreqrep import _dask
+from mpreqrep._dask import dask_executor
 from mpreqrep._dask_worker import run_on_worker
-from mpreqrep._remote import dask_executor
 from workers.echo import EchoServer
 from workers.primes import PrimeServer
 
@@ -244,7 +244,24 @@ def test_dask_executor_connects_serves_and_closes_its_client(cluster: Any) -> No
         running(EchoServer, executor=executor) as server,
     ):
         assert ask_all(server.address, ["same", "same"]) == ["same\r\n", "same\r\n"]
+        assert executor.client.status == "running"
     assert executor.client.status == "closed"
+
+
+def test_a_dask_executor_factory_is_connected_at_start_and_closed_at_stop(
+    cluster: Any, client: Any
+) -> None:
+    made: list[Any] = []
+
+    def factory() -> Executor:
+        made.append(dask_executor(cluster.scheduler_address))
+        return made[-1]
+
+    with running(EchoServer, executor=factory) as server:
+        assert ask(server.address, "x") == "x\r\n"
+        assert wait_until(lambda: server.stats()["server_copies_sent"] == 2, 10 * UNIT)
+    assert made[0].client.status == "closed"
+    assert set(client.run(plugin_names).values()) == {()}
 
 
 def test_dask_executor_without_a_scheduler_raises_oserror() -> None:

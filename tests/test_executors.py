@@ -1,15 +1,18 @@
 """``executor=`` with stdlib thread and process pools and loky (Dask: test_dask.py).
 
-Real servers on loopback sockets; small fakes for executors that break,
-cancel or never finish.
+Real servers on loopback sockets, with pools passed as they are and pools the
+server builds from a factory; small fakes for executors that break, cancel
+or never finish.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import multiprocessing
 import os
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import (
     BrokenExecutor,
@@ -21,16 +24,18 @@ from concurrent.futures import (
 from typing import Any
 
 import loky
+import psutil
 import pytest
 
 import mpreqrep
-from mpreqrep import _remote
-from mpreqrep._remote import CacheMiss, RemoteDispatcher, run_cached
+from mpreqrep import _remote_worker
+from mpreqrep._remote import RemoteDispatcher
+from mpreqrep._remote_worker import CacheMiss, WorkerReply, install_server, run_cached
 from workers.echo import EchoServer
 from workers.primes import PrimeServer
 
 from .conftest import UNIT, ask_all, running, wait_until
-from .executor_handlers import ProbeServer
+from .executor_handlers import ProbeServer, record_initializer_call
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -38,47 +43,29 @@ KINDS = ["thread", "process", "loky"]
 PROCESS_KINDS = ["process", "loky"]
 PRIME_LIMITS = ["0", "2", "100", "20000"]
 ECHOES = ["hello", "", "with spaces  ", "ünïcode ✓"]
+SPAWN = multiprocessing.get_context("spawn")  # no fork under threads
 
 
-def make_pool(kind: str) -> Executor:
-    """A two-worker pool of the given kind (spawned processes: no fork under threads)."""
+def pool_factory(kind: str, **options: Any) -> Callable[..., Executor]:
+    """A two-worker pool class of the given kind, options bound (a factory)."""
     if kind == "thread":
-        return ThreadPoolExecutor(max_workers=2, thread_name_prefix="user-pool")
+        return functools.partial(ThreadPoolExecutor, 2, thread_name_prefix="user-pool", **options)
     if kind == "process":
-        return ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("spawn"))
-    pool: Executor = loky.ProcessPoolExecutor(max_workers=2)
-    return pool
+        return functools.partial(ProcessPoolExecutor, 2, mp_context=SPAWN, **options)
+    return functools.partial(loky.ProcessPoolExecutor, 2, **options)
 
 
 @pytest.fixture(scope="module")
 def pools() -> Iterator[dict[str, Executor]]:
-    """One healthy pool per kind, shared by the tests that do not break them."""
-    made = {kind: make_pool(kind) for kind in KINDS}
+    """One healthy pool per kind, passed as is by the tests that do not break them."""
+    made = {kind: pool_factory(kind)() for kind in KINDS}
     yield made
     for pool in made.values():
         pool.shutdown(wait=True)
 
 
-@pytest.fixture
-def fresh_pool(request: pytest.FixtureRequest) -> Iterator[Executor]:
-    """A pool of its own for a test that breaks it (``request.param`` is the kind)."""
-    pool = make_pool(request.param)
-    yield pool
-    pool.shutdown(wait=True)
-
-
 def ask(address: str, request: str) -> str | None:
     return mpreqrep.do_request(address, request, timeout=30 * UNIT)
-
-
-def warm_up(address: str, workers: int = 2) -> list[str | None]:
-    """Ask ``copies`` in bursts until each worker answered one, and so holds a copy."""
-    replies: list[str | None] = []
-    for _ in range(20):
-        replies += ask_all(address, ["copies"] * 4)
-        if len({reply.split()[0] for reply in replies if reply}) == workers:
-            break
-    return replies
 
 
 def ask_from_clients(address: str, request: str, *, rounds: int, clients: int = 8) -> list[str]:
@@ -88,6 +75,11 @@ def ask_from_clients(address: str, request: str, *, rounds: int, clients: int = 
         replies += ask_all(address, [request] * clients)
     assert None not in replies and "" not in replies
     return [reply for reply in replies if reply]
+
+
+def copies_by_pid(replies: list[str]) -> dict[int, int]:
+    """What ``copies`` replies say: each answering pid and the copies it held."""
+    return {int(pid): int(copies) for pid, copies in (reply.split() for reply in replies)}
 
 
 def thread_mode_replies(server_class: type[mpreqrep.RequestServer], texts: list[str]) -> list[Any]:
@@ -114,6 +106,22 @@ def test_replies_match_thread_mode(
     assert None not in expected
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_pool_built_from_a_factory_replies_as_thread_mode_and_is_shut_down(kind: str) -> None:
+    built: list[Executor] = []
+
+    def factory(**initializer: Any) -> Executor:
+        built.append(pool_factory(kind)(**initializer))
+        return built[-1]
+
+    expected = thread_mode_replies(PrimeServer, PRIME_LIMITS)
+    with running(PrimeServer, executor=factory) as server:
+        assert ask_all(server.address, PRIME_LIMITS) == expected
+    (pool,) = built
+    with pytest.raises(RuntimeError, match="shutdown"):
+        pool.submit(os.getpid)
+
+
 def test_thread_pool_runs_the_server_itself(pools: dict[str, Executor]) -> None:
     with running(ProbeServer, executor=pools["thread"]) as server:
         reply = ask(server.address, "identity")
@@ -124,32 +132,73 @@ def test_thread_pool_runs_the_server_itself(pools: dict[str, Executor]) -> None:
     assert thread_name.startswith("user-pool")
 
 
-def check_server_reaches_each_worker_once(executor: Executor, steady_requests: int) -> set[str]:
-    """Warm two workers up, then check no further copies of the server are sent.
+# -- the server reaches each worker once ---------------------------------------------
 
-    Returns:
-        The pids of the workers that answered.
-    """
-    with running(ProbeServer, executor=executor) as server:
-        warm = warm_up(server.address)
-        copies_after_warmup = server.stats()["server_copies_sent"]
-        steady = ask_all(server.address, ["copies"] * steady_requests)
-        assert server.stats()["server_copies_sent"] == copies_after_warmup
-    replies = [reply.split() for reply in warm + steady if reply is not None]
-    assert len(replies) == len(warm) + steady_requests
-    copies_per_pid = {pid: int(copies) for pid, copies in replies}
-    assert len(copies_per_pid) == 2
-    assert 2 <= copies_after_warmup <= len(warm)
-    assert sum(copies_per_pid.values()) <= copies_after_warmup
-    return set(copies_per_pid)
+
+def check_one_copy_per_worker(server: mpreqrep.RequestServer, replies: list[str]) -> dict[int, int]:
+    """Every worker that answered held exactly one copy, as it and the stats say."""
+    held = copies_by_pid(replies)
+    assert set(held.values()) == {1} and os.getpid() not in held
+    stats = server.stats()
+    assert stats["server_copies_per_worker"] == held
+    assert stats["server_copies_sent"] == len(held)
+    return held
 
 
 @pytest.mark.parametrize("kind", PROCESS_KINDS)
-def test_workers_get_the_server_once_then_only_requests(
+def test_a_factory_pool_gets_the_server_once_per_worker_under_eight_clients(kind: str) -> None:
+    with running(ProbeServer, executor=pool_factory(kind)) as server:
+        replies = ask_from_clients(server.address, "copies", rounds=4)
+        assert len(check_one_copy_per_worker(server, replies)) <= 2
+
+
+def test_loky_workers_restarted_after_idling_each_get_exactly_one_copy() -> None:
+    """loky ends workers idle for ``timeout`` seconds and starts new ones on demand.
+
+    (The stdlib pool's ``max_tasks_per_child`` would restart workers too, but
+    on Python 3.11 it loses tasks: 2 of 8 ``os.getpid`` calls never finish.)
+    """
+    with running(ProbeServer, executor=pool_factory("loky", timeout=0.2 * UNIT)) as server:
+        first = copies_by_pid(ask_from_clients(server.address, "copies", rounds=1))
+        assert wait_until(lambda: not any(map(psutil.pid_exists, first)), 20 * UNIT)
+        replies = ask_from_clients(server.address, "copies", rounds=1)
+        assert not set(copies_by_pid(replies)) & set(first)
+        stats = server.stats()
+    assert stats["server_copies_per_worker"] == {**first, **copies_by_pid(replies)}
+    assert set(stats["server_copies_per_worker"].values()) == {1}
+
+
+@pytest.mark.parametrize("kind", PROCESS_KINDS)
+def test_a_users_initializer_bound_in_the_factory_still_runs(kind: str, tmp_path: Any) -> None:
+    marks = tmp_path / "initialized"
+    factory = pool_factory(kind, initializer=record_initializer_call, initargs=(str(marks),))
+    with running(ProbeServer, executor=factory) as server:
+        replies = ask_from_clients(server.address, "copies", rounds=1)
+        check_one_copy_per_worker(server, replies)
+    assert set(copies_by_pid(replies)) <= {int(pid) for pid in marks.read_text().split()}
+
+
+def warm_up(address: str, workers: int = 2) -> list[str]:
+    """Ask ``copies 0.1`` in bursts until each worker answered one, and so holds a copy."""
+    replies: list[str] = []
+    deadline = time.monotonic() + 30 * UNIT
+    while len(copies_by_pid(replies)) < workers and time.monotonic() < deadline:
+        replies += ask_from_clients(address, "copies 0.1", rounds=1, clients=4)
+    assert len(copies_by_pid(replies)) == workers
+    return replies
+
+
+@pytest.mark.parametrize("kind", PROCESS_KINDS)
+def test_a_pool_passed_as_is_gets_no_copies_once_each_worker_holds_one(
     pools: dict[str, Executor], kind: str
 ) -> None:
-    pids = check_server_reaches_each_worker_once(pools[kind], steady_requests=30)
-    assert str(os.getpid()) not in pids
+    with running(ProbeServer, executor=pools[kind]) as server:
+        warm = warm_up(server.address)
+        after_warm_up = server.stats()["server_copies_per_worker"]
+        steady = ask_from_clients(server.address, "copies", rounds=4)
+        assert server.stats()["server_copies_per_worker"] == after_warm_up
+    assert set(copies_by_pid(warm + steady)) == set(after_warm_up)
+    assert min(after_warm_up.values()) >= 1
 
 
 @pytest.mark.parametrize("kind", PROCESS_KINDS)
@@ -195,22 +244,54 @@ def check_crash_costs_only_its_own_request(server: mpreqrep.RequestServer) -> No
     assert ask_all(server.address, ["after"] * 4) == ["echo:after\r\n"] * 4
 
 
-@pytest.mark.parametrize("fresh_pool", PROCESS_KINDS, indirect=True)
-def test_a_crashing_worker_costs_only_its_own_request(
-    fresh_pool: Executor, caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize("kind", PROCESS_KINDS)
+def test_a_crashing_worker_costs_only_its_own_request_and_the_new_pool_one_copy_each(
+    kind: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     with (
         caplog.at_level(logging.WARNING, logger="mpreqrep"),
-        running(ProbeServer, executor=fresh_pool) as server,
+        running(ProbeServer, executor=pool_factory(kind)) as server,
     ):
         ask_all(server.address, ["warm"] * 4)
         check_crash_costs_only_its_own_request(server)
         assert wait_until(lambda: server.stats()["served"] == 11, 5 * UNIT)
+        replies = ask_from_clients(server.address, "copies", rounds=2)
         stats = server.stats()
     assert stats["executor_replacements"] >= 1 and stats["crash_retries"] >= 2
     assert stats["failed"] == 1
+    assert set(stats["server_copies_per_worker"].values()) == {1}
+    assert set(copies_by_pid(replies).values()) == {1}
     assert "replacing it with a new one" in caplog.text
     assert "giving up on a request" in caplog.text
+
+
+@pytest.mark.parametrize("kind", PROCESS_KINDS)
+def test_a_broken_pool_passed_as_is_fails_its_requests_and_says_to_pass_a_factory(
+    kind: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    pool = pool_factory(kind)()
+    try:
+        with (
+            caplog.at_level(logging.ERROR, logger="mpreqrep"),
+            running(ProbeServer, executor=pool) as server,
+        ):
+            assert ask(server.address, "crash") == ""
+            assert ask(server.address, "after") == ""
+            assert server.stats()["executor_replacements"] == 0
+    finally:
+        pool.shutdown(wait=True)
+    assert "pass a factory" in caplog.text
+
+
+def test_a_factory_that_returns_no_executor_fails_the_start() -> None:
+    server = EchoServer("127.0.0.1:0", executor=lambda: "not an executor")
+    with pytest.raises(TypeError, match="not an Executor"):
+        server.start()
+
+
+def test_an_executor_that_is_neither_an_executor_nor_callable_is_refused() -> None:
+    with pytest.raises(TypeError, match="factory"):
+        EchoServer("127.0.0.1:0", executor=4)  # type: ignore[arg-type]
 
 
 class FakeExecutor(Executor):
@@ -242,7 +323,13 @@ class FakeExecutor(Executor):
 def test_an_in_process_executor_of_unknown_kind_gets_the_server_on_its_first_miss() -> None:
     with running(EchoServer, executor=FakeExecutor()) as server:
         assert [ask(server.address, "a"), ask(server.address, "b")] == ["a\r\n", "b\r\n"]
-        assert server.stats()["server_copies_sent"] == 1
+        assert server.stats()["server_copies_per_worker"] == {os.getpid(): 1}
+
+
+def test_a_factory_without_an_initializer_is_called_bare_and_its_workers_ask() -> None:
+    with running(EchoServer, executor=FakeExecutor) as server:
+        assert ask_all(server.address, ["a", "b"]) == ["a\r\n", "b\r\n"]
+        assert server.stats()["server_copies_per_worker"] == {os.getpid(): 1}
 
 
 @pytest.mark.parametrize(
@@ -278,16 +365,22 @@ class Echo:
         return request
 
 
+def dispatcher_on(
+    executor: Executor, make_executor: Callable[[], Executor] | None = None
+) -> RemoteDispatcher:
+    return RemoteDispatcher(executor, Echo(), token="t", owned=False, make_executor=make_executor)
+
+
 @pytest.mark.parametrize("mode", ["broken", "refuse"])
 def test_a_broken_executor_is_replaced_once_and_the_request_retried(mode: str) -> None:
     broken = FakeExecutor(mode)
     replacements: list[Executor] = []
 
-    def replace(executor: Executor) -> Executor:
+    def replace() -> Executor:
         replacements.append(FakeExecutor())
         return replacements[-1]
 
-    dispatcher = RemoteDispatcher(broken, Echo(), replace=replace)
+    dispatcher = dispatcher_on(broken, replace)
     assert dispatcher.submit("again").result(timeout=10 * UNIT) == "again"
     assert dispatcher.submit("more").result(timeout=10 * UNIT) == "more"
     dispatcher.shutdown()
@@ -298,10 +391,10 @@ def test_a_broken_executor_is_replaced_once_and_the_request_retried(mode: str) -
 def test_a_failing_replacement_fails_the_request_with_a_log(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    def replace(executor: Executor) -> Executor:
+    def replace() -> Executor:
         raise OSError("no more processes")
 
-    dispatcher = RemoteDispatcher(FakeExecutor("broken"), Echo(), replace=replace)
+    dispatcher = dispatcher_on(FakeExecutor("broken"), replace)
     with caplog.at_level(logging.ERROR, logger="mpreqrep"):
         error = dispatcher.submit("x").exception(timeout=10 * UNIT)
     dispatcher.shutdown()
@@ -309,18 +402,20 @@ def test_a_failing_replacement_fails_the_request_with_a_log(
     assert "could not replace" in caplog.text
 
 
-def test_each_process_caches_the_servers_of_its_latest_tokens() -> None:
+def test_each_process_keeps_the_servers_of_its_latest_tokens_and_counts_copies() -> None:
     server = Echo()
-    tokens = [f"token-{i}" for i in range(_remote.MAX_CACHED_SERVERS + 1)]
+    tokens = [f"token-{i}" for i in range(_remote_worker.MAX_CACHED_SERVERS + 1)]
     assert isinstance(run_cached(tokens[0], None, "x"), CacheMiss)
+    install_server(tokens[0], server)
     for token in tokens:
-        assert run_cached(token, server, "x") == "x"
+        assert run_cached(token, server, "x").text == "x"  # type: ignore[union-attr]
     assert isinstance(run_cached(tokens[0], None, "x"), CacheMiss)
-    assert run_cached(tokens[-1], None, "y") == "y"
+    assert run_cached(tokens[-1], None, "y") == WorkerReply(os.getpid(), 1, "y")
+    assert run_cached(tokens[1], None, "z") == WorkerReply(os.getpid(), 1, "z")
 
 
 def test_a_resend_that_cannot_be_submitted_fails_its_request() -> None:
-    dispatcher = RemoteDispatcher(FakeExecutor("run", "raise"), Echo(), replace=None)
+    dispatcher = dispatcher_on(FakeExecutor("run", "raise"))
     error = dispatcher.submit("x").exception(timeout=10 * UNIT)
     dispatcher.shutdown()
     assert isinstance(error, RuntimeError) and "after shutdown" in str(error)
@@ -330,11 +425,11 @@ def test_requests_that_time_out_while_waiting_for_their_retry_are_not_sent() -> 
     replacement = FakeExecutor("hold")
     both_failed = threading.Event()
 
-    def replace(executor: Executor) -> Executor:
+    def replace() -> Executor:
         both_failed.wait(10 * UNIT)
         return replacement
 
-    dispatcher = RemoteDispatcher(FakeExecutor("broken"), Echo(), replace=replace)
+    dispatcher = dispatcher_on(FakeExecutor("broken"), replace)
     first, second = dispatcher.submit("first"), dispatcher.submit("second")
     both_failed.set()
     assert wait_until(lambda: len(replacement.futures) == 1, 10 * UNIT)
@@ -344,3 +439,9 @@ def test_requests_that_time_out_while_waiting_for_their_retry_are_not_sent() -> 
     dispatcher.shutdown()
     assert len(replacement.futures) == 1
     assert dispatcher.stats()["crash_retries"] == 1
+
+
+def test_a_factory_without_a_readable_signature_is_called_bare() -> None:
+    factory = functools.partial(next, iter([FakeExecutor()]))  # builtins may have none
+    with running(EchoServer, executor=factory) as server:
+        assert ask(server.address, "a") == "a\r\n"

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 import mpreqrep
-from mpreqrep import _aclient, _remote, _server
+from mpreqrep import _aclient, _dask, _server
 
 from .conftest import UNIT
 
@@ -46,7 +46,7 @@ def test_public_names_are_exactly_all() -> None:
 def test_lazy_names_are_the_modules_own_objects() -> None:
     assert mpreqrep.RequestServer is _server.RequestServer
     assert mpreqrep.do_request_async is _aclient.do_request_async
-    assert mpreqrep.dask_executor is _remote.dask_executor
+    assert mpreqrep.dask_executor is _dask.dask_executor
 
 
 def test_an_unknown_name_is_an_attribute_error() -> None:
