@@ -23,6 +23,7 @@ from __future__ import annotations
 import collections
 import logging
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Executor, Future
 from typing import Any
@@ -33,6 +34,7 @@ from ._remote import RemoteDispatcher
 logger = logging.getLogger("mpreqrep")
 
 DASK_CONNECT_TIMEOUT_S = 30.0
+SUBSCRIPTION_POLL_S = 0.05
 
 
 class DaskDispatcher(RemoteDispatcher):
@@ -69,6 +71,7 @@ class DaskDispatcher(RemoteDispatcher):
         self._plugin_name = f"mpreqrep-server-{token}"
         self._copies_by_id: dict[str, str] = {}  # copy id -> worker address
         self._copies_lock = threading.Lock()
+        self._subscribed = threading.Event()
 
     def start(self) -> None:
         """Connect, and put a copy of the server on every worker, now and on joining.
@@ -82,15 +85,32 @@ class DaskDispatcher(RemoteDispatcher):
 
         self._client = self._connect()
         topic = self._plugin_name
-        self._client.subscribe_topic(topic, self._count_copy)
         try:
+            self._subscribe()
             self._client.register_plugin(ServerPlugin(self._server, topic), name=topic)
         except BaseException:
             self._withdraw_plugin()
             self._close_own_client()
             raise
-        for event in self._client.get_events(topic):  # those logged before subscribing
-            self._count_copy(event)
+
+    def _subscribe(self) -> None:
+        """Subscribe to the copies' topic, and wait until the subscription holds.
+
+        The subscription travels on the client's batched stream, which an
+        event the workers log may overtake; one logged before the scheduler
+        knows the subscription is never forwarded. So the dispatcher logs a
+        marker of its own on the topic until it comes back.
+
+        Raises:
+            TimeoutError: no marker came back within ``DASK_CONNECT_TIMEOUT_S``.
+        """
+        self._client.subscribe_topic(self._plugin_name, self._count_copy)
+        deadline = time.monotonic() + DASK_CONNECT_TIMEOUT_S
+        while not self._subscribed.is_set():
+            if time.monotonic() > deadline:
+                raise TimeoutError("the Dask scheduler did not confirm the subscription")
+            self._client.log_event(self._plugin_name, {"subscribed": True})
+            self._subscribed.wait(SUBSCRIPTION_POLL_S)
 
     def _connect(self) -> Any:
         """The executor's client, or one of our own to its scheduler."""
@@ -124,8 +144,11 @@ class DaskDispatcher(RemoteDispatcher):
         }
 
     def _count_copy(self, event: tuple[float, dict[str, Any]]) -> None:
-        """Record one worker's report of its copy (on the client's event loop)."""
+        """Record one worker's report of its copy, or our marker (on the client's loop)."""
         _, copy = event
+        if "copy" not in copy:
+            self._subscribed.set()
+            return
         with self._copies_lock:
             self._copies_by_id[copy["copy"]] = copy["worker"]
 

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
-from concurrent.futures import Executor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -347,3 +347,40 @@ def test_cancelling_passes_both_ways_between_the_attempt_and_the_dask_task() -> 
     attempt = _dask._submit_to_dask(FakeClient(dropped), (len,), {})
     dropped.callbacks[0](dropped)
     assert attempt.cancelled()
+
+
+class SilentScheduler:
+    """A client whose scheduler never forwards an event: the subscription never holds."""
+
+    status = "running"
+
+    def __init__(self) -> None:
+        self.markers = 0
+        self.withdrawn: list[str] = []
+
+    def get_executor(self, **options: Any) -> Executor:
+        return ThreadPoolExecutor(1)
+
+    def subscribe_topic(self, topic: str, handler: Any) -> None:
+        self.topic = topic
+
+    def log_event(self, topic: str, message: Any) -> None:
+        self.markers += 1
+
+    def unsubscribe_topic(self, topic: str) -> None:
+        self.withdrawn.append(topic)
+
+    def unregister_worker_plugin(self, name: str) -> None:
+        raise KeyError(name)
+
+
+def test_a_subscription_the_scheduler_never_confirms_fails_the_start(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(_dask, "DASK_CONNECT_TIMEOUT_S", 0.2 * UNIT)
+    client = SilentScheduler()
+    executor = _dask.DaskExecutor(client)
+    server = EchoServer("127.0.0.1:0", executor=executor)
+    with pytest.raises(TimeoutError, match="did not confirm the subscription"):
+        server.start()
+    assert client.markers >= 2 and client.withdrawn == [client.topic]
