@@ -122,11 +122,15 @@ class RequestServer(threading.Thread):
             the requests queued behind a handler that runs past the timeout
             time out too.
         max_request_size: bytes a request may reach without a CRLF.
-        read_timeout: seconds a client may take to send its request.
+        read_timeout: seconds a client may take to send its request, and
+            may let pass without taking any of its reply (a client that
+            keeps reading gets all of it, however long that takes).
         max_pending: requests in flight past which accepting pauses.
         max_buffered_bytes: request and reply bytes buffered for clients
             (say, replies to clients that read slowly or not at all) past
-            which accepting pauses; ``None`` for no bound.
+            which accepting pauses and newly read requests wait; requests in
+            flight count as large as the largest recent reply. ``None`` for
+            no bound.
         max_worker_memory: process mode: bytes of RSS past which a worker is
             recycled between requests.
         max_threads: ``async_val=True``: size of the handler thread pool.

@@ -90,7 +90,8 @@ HANDLER_FAULTS = {
     "bytes": "",
     "subclass": "subclass reply\r\n",
 }
-FAULT_MODES = ["sync", "async", "process", "thread-executor", "loky-executor"]
+# sync-timeout: sync mode with a request timeout runs handlers on one handler thread.
+FAULT_MODES = ["sync", "sync-timeout", "async", "process", "thread-executor", "loky-executor"]
 
 
 @contextmanager
@@ -99,6 +100,8 @@ def hostile(mode: str, **options: Any) -> Iterator[mpreqrep.RequestServer]:
     executor: Executor | None = None
     if mode == "async":
         options["async_val"] = True
+    elif mode == "sync-timeout":
+        options.setdefault("request_timeout", 30 * UNIT)
     elif mode == "process":
         options["workers"] = 2
     elif mode == "thread-executor":
@@ -407,3 +410,30 @@ def test_buffered_reply_bytes_past_the_bound_pause_accepting(mode: str) -> None:
         waiting.join(20 * UNIT)
         assert replies == ["echo:next\r\n"]
         assert wait_until(lambda: server.stats()["buffered_bytes"] == 0, 5 * UNIT)
+
+
+def test_request_bytes_count_against_the_buffer_bound_too() -> None:
+    with hostile("async", max_buffered_bytes=100_000, read_timeout=30 * UNIT) as server:
+        uploader = socket.create_connection(("127.0.0.1", server.port), timeout=10 * UNIT)
+        uploader.sendall(b"u" * 200_000)  # no CRLF yet: held by the server
+        assert wait_until(lambda: server.stats()["buffered_bytes"] >= 100_000, 10 * UNIT)
+        replies: list[str | None] = []
+        waiting = threading.Thread(
+            target=lambda: replies.append(mpreqrep.do_request(server.address, "next", 20 * UNIT))
+        )
+        waiting.start()
+        assert not wait_until(lambda: bool(replies), 0.5 * UNIT)  # in the backlog meanwhile
+        uploader.sendall(b"\r\n")
+        uploader.shutdown(socket.SHUT_WR)
+        assert raw_read(uploader) == b"echo:" + b"u" * 200_000 + b"\r\n"
+        uploader.close()
+        waiting.join(20 * UNIT)
+        assert replies == ["echo:next\r\n"]
+
+
+def raw_read(sock: socket.socket) -> bytes:
+    """Everything until the server closes."""
+    chunks = []
+    while chunk := sock.recv(65536):
+        chunks.append(chunk)
+    return b"".join(chunks)
