@@ -216,9 +216,11 @@ def _check_encodable(reply: str) -> None:
 
 
 def _encode_outcome(outcome: Outcome) -> bytes:
-    """A reply frame; an error goes through cloudpickle, as :func:`_portable` checked."""
+    """A reply frame: a plain ``(request_id, reply, elapsed_s)`` tuple for a reply
+    (a named tuple pickles about six times slower), the :class:`Outcome` through
+    cloudpickle for an error, as :func:`_portable` checked."""
     if outcome.error is None:
-        return encode_frame(outcome)
+        return encode_frame((outcome.request_id, outcome.reply, outcome.elapsed_s))
     return frame_of(bytes(loky_dumps(outcome)))
 
 

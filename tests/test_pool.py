@@ -171,6 +171,16 @@ def test_each_worker_loads_one_copy_and_the_parent_pickles_once(make: MakeDispat
     assert Counting.pickled == 1  # requests carry text only
 
 
+def test_a_cancelled_future_s_reply_is_dropped_and_the_worker_goes_on(
+    make: MakeDispatcher,
+) -> None:
+    dispatcher = make(Commands(), 1)
+    busy = dispatcher.submit("sleep:0.2")
+    assert dispatcher.submit("echo:dropped").cancel()
+    assert outcome(dispatcher.submit("echo:after")) == "after"
+    assert not isinstance(outcome(busy), BaseException)
+
+
 def test_submit_returns_a_plain_future_of_the_dispatcher(make: MakeDispatcher) -> None:
     dispatcher = make(Echo("e:"), 1)
     future = dispatcher.submit("x")
@@ -483,10 +493,15 @@ def test_a_bug_reading_replies_replaces_only_that_worker(
     assert outcome(dispatcher.submit("echo:next")) == "next"
 
 
-def test_a_reply_that_does_not_unpickle_fails_the_request_it_answers() -> None:
-    failed = _requests._decode(b"not a pickle", 7)
+def test_a_reply_that_does_not_unpickle_fails_the_request_it_answers(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    assert _requests._decode(b"not a pickle") is None
+    assert "cannot read a worker's reply" in caplog.text
+    failed = _requests._undecodable(7)
     assert isinstance(failed, Outcome) and failed.request_id == 7
     assert "cannot read the worker's reply" in str(failed.error)
+    assert _requests._undecodable(None).request_id == -1
 
 
 # -- timeouts ---------------------------------------------------------------------------

@@ -74,16 +74,27 @@ def test_sizing_is_heavy_until_measured_and_follows_the_average() -> None:
 def test_a_lost_worker_fails_only_its_running_request_and_resends_the_rest() -> None:
     book = Book()
     light(book)
-    book.add_worker(10, 0.0)
+    for request in range(6):
+        book.submit(request, 0.0)
+    assert book.add_worker(10, 0.0) == [Send(10, tuple(range(6)))]
     book.add_worker(11, 0.0)
-    sent = [book.submit(request, 0.0) for request in range(6)]
-    on_10 = [send.request_ids[0] for sends in sent for send in sends if send.worker == 10]
     loss = book.lose(10, 0.0)
-    assert loss.running == on_10[0]
-    assert loss.resent == tuple(on_10[1:])
-    assert loss.sends == (Send(11, tuple(on_10[1:])),)  # to the other worker, in order
-    assert book.resent == len(on_10) - 1
+    assert loss.running == 0
+    assert loss.resent == (1, 2, 3, 4, 5)
+    assert loss.sends == (Send(11, (1, 2, 3, 4, 5)),)  # to the other worker, in order
+    assert book.resent == 5
     assert list(book.workers()) == [11]
+
+
+def test_a_light_request_goes_at_once_only_to_an_idle_worker() -> None:
+    book = Book()
+    light(book)
+    book.add_worker(10, 0.0)
+    assert book.submit(0, 0.0) == [Send(10, (0,))]
+    assert book.submit(1, 0.0) == []  # busy: it waits for the reply, with the others
+    assert book.submit(2, 0.0) == []
+    book.settle(10, 0, 0.00001, 0.0)
+    assert book.top_up(0.0) == [Send(10, (1, 2))]  # one frame
 
 
 def test_a_lost_idle_worker_costs_nothing_and_resent_requests_go_first() -> None:

@@ -18,6 +18,7 @@ import pytest
 from mpreqrep import _worker
 from mpreqrep._channel import FrameReader, Listener, encode_frame
 from mpreqrep._pool._greeter import read_introduction
+from mpreqrep._pool._requests import _decode
 
 from .conftest import UNIT, wait_until
 from .pool_handlers import Commands, Echo
@@ -64,7 +65,7 @@ def play_parent(listener: Listener, frames: list[bytes], replies: int) -> Future
             with channel:
                 (hello,) = read_frames(channel, 1)
                 channel.sendall(b"".join(frames))
-                answers = [pickle.loads(frame) for frame in read_frames(channel, replies)]
+                answers = [_decode(frame) for frame in read_frames(channel, replies)]
             result.set_result((lifeline, introduction, hello, answers))
         except BaseException as exc:
             result.set_exception(exc)

@@ -92,10 +92,23 @@ class Sizing:
             else previous + HANDLER_TIME_SMOOTHING * (elapsed_s - previous)
         )
 
+    def is_light(self) -> bool:
+        """Whether the handler is fast enough to batch."""
+        return self._handler_s is not None and self._handler_s < LIGHT_HANDLER_S
+
     def depth(self) -> int:
         """Requests to keep in flight on one worker."""
-        light = self._handler_s is not None and self._handler_s < LIGHT_HANDLER_S
-        return MAX_BATCH_SIZE if light else HEAVY_DEPTH
+        return MAX_BATCH_SIZE if self.is_light() else HEAVY_DEPTH
+
+    def submit_depth(self) -> int:
+        """Requests in flight on a worker below which a new request is sent at once.
+
+        A light handler's request goes at once only to an idle worker; one
+        that arrives while the worker is busy waits for its reply and travels
+        with the others that arrived meanwhile, in one frame: one write (and
+        one wake-up of the worker) per batch instead of per request.
+        """
+        return 1 if self.is_light() else HEAVY_DEPTH
 
 
 class _Slot:
@@ -169,7 +182,7 @@ class Book:
 
     def submit(self, request: int, now: float) -> list[Send]:
         """A new request: send it to the least busy worker with room, else queue it."""
-        slot_id = None if self._waiting else self._least_busy()
+        slot_id = None if self._waiting else self._least_busy(self.sizing.submit_depth())
         if slot_id is None:
             self._waiting.append(request)
             return []
@@ -261,9 +274,8 @@ class Book:
         slot.queue.extend(requests)
         self.batches += 1
 
-    def _least_busy(self) -> int | None:
-        """The usable worker with the fewest requests, if it has room."""
-        depth = self.sizing.depth()
+    def _least_busy(self, depth: int) -> int | None:
+        """The usable worker with the fewest requests, if it has fewer than ``depth``."""
         best: int | None = None
         best_load = depth
         for worker, slot in self._slots.items():
@@ -279,11 +291,12 @@ class Book:
         """
         sends: list[Send] = []
         usable = sum(slot.usable for slot in self._slots.values())
+        depth = self.sizing.depth()
         while self._waiting:
-            worker = self._least_busy()
+            worker = self._least_busy(depth)
             if worker is None:
                 break
-            room = self.sizing.depth() - len(self._slots[worker].queue)
+            room = depth - len(self._slots[worker].queue)
             share = min(room, -(-len(self._waiting) // usable))  # ceil
             batch = tuple(self._waiting.popleft() for _ in range(share))
             self._put(worker, batch, now)

@@ -79,7 +79,6 @@ class Requests:
     def submit(self, text: str) -> Future[str]:
         """A future of the reply to ``text``, sent to a worker with room or queued."""
         future: Future[str] = Future()
-        future.set_running_or_notify_cancel()  # it runs (or waits) from now on
         with self._lock:
             refusal = self._refusal
             if refusal is None:
@@ -102,7 +101,7 @@ class Requests:
         with self._lock:
             now = self._now()
             for payload in payloads:
-                message = _decode(payload, self._book.running(pid))
+                message = _decode(payload) or _undecodable(self._book.running(pid))
                 if isinstance(message, Retiring):
                     retiring = True
                     retired |= self._book.retire(pid)
@@ -245,14 +244,24 @@ class Requests:
         return deadline is not None and (self._wakes_at is None or deadline < self._wakes_at)
 
 
-def _decode(payload: bytes, running: int | None) -> Outcome | Retiring:
-    """A worker's message; one that does not unpickle fails the request it answers."""
+def _decode(payload: bytes) -> Outcome | Retiring | None:
+    """A worker's message, ``None`` if it does not unpickle."""
     try:
-        message: Outcome | Retiring = pickle.loads(payload)
-    except Exception as exc:
-        error = RuntimeError(f"cannot read the worker's reply: {exc!r}")
-        return Outcome(-1 if running is None else running, error=error)
+        message = pickle.loads(payload)
+    except Exception:
+        logger.exception("cannot read a worker's reply")
+        return None
+    if type(message) is tuple:  # a reply: (request_id, reply, elapsed_s)
+        request_id, reply, elapsed_s = message
+        return Outcome(request_id, reply, elapsed_s=elapsed_s)
+    assert isinstance(message, (Outcome, Retiring)), "workers send nothing else"
     return message
+
+
+def _undecodable(running: int | None) -> Outcome:
+    """The outcome of the request a reply that did not unpickle answers."""
+    error = RuntimeError("cannot read the worker's reply")
+    return Outcome(-1 if running is None else running, error=error)
 
 
 def _resolve(future: Future[str], outcome: Outcome) -> None:
