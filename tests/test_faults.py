@@ -368,13 +368,14 @@ REPLY_MODES = ["sync", "async", "process"]
 
 @pytest.mark.parametrize("mode", REPLY_MODES)
 def test_a_slow_steady_reader_gets_the_whole_reply(mode: str) -> None:
-    """6 MB at 4 MB/s takes three read timeouts: it must arrive whole."""
-    size = 6_000_000
-    read_timeout = 0.5 * UNIT
+    """12 MB at 5 MB/s outlasts the read timeout even past what the kernel
+    buffers (up to 4 MB): it must arrive whole."""
+    size = 12_000_000
+    read_timeout = 1 * UNIT
     with hostile(mode, read_timeout=read_timeout) as server:
         started = time.monotonic()
         with slow_reader(server.port, f"big {size}\r\n".encode()) as sock:
-            reply = read_at(sock, 4_000_000 / UNIT)
+            reply = read_at(sock, 5_000_000 / UNIT)
         assert time.monotonic() - started > 2 * read_timeout
         assert len(reply) == size + 2 and reply == b"b" * size + b"\r\n"
         assert wait_until(lambda: server.stats()["served"] == 1, 5 * UNIT)
