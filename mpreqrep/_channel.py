@@ -2,8 +2,8 @@
 
 A frame is a 4-byte big-endian length and a pickle. The parent listens on a
 Unix socket in a private directory (loopback TCP where there are no Unix
-sockets); each worker connects once per channel task and says hello with the
-pool's token. Neither side ever reads a partial frame: :class:`FrameReader`
+sockets); each worker connects twice, its lifeline and its channel, each
+opening with the pool's token. Neither side ever reads a partial frame: :class:`FrameReader`
 buffers until a frame is whole. The parent's end is non-blocking and buffers
 what the socket does not take (:class:`Channel`); a worker's end blocks.
 """
