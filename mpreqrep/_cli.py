@@ -186,7 +186,18 @@ def _add_serve_command(commands: argparse._SubParsersAction[_ArgumentParser]) ->
         metavar="S",
         help="log a one-line stats summary every S seconds",
     )
+    _add_operations_options(serve)
     serve.set_defaults(command=_serve)
+
+
+def _add_operations_options(serve: argparse.ArgumentParser) -> None:
+    """The options of operating a server in production (README, "Operations")."""
+    serve.add_argument(
+        "--metrics",
+        type=metrics_address_argument,
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (needs mpreqrep[metrics])",
+    )
 
 
 def _add_request_command(commands: argparse._SubParsersAction[_ArgumentParser]) -> None:
@@ -223,6 +234,21 @@ def address_argument(text: str) -> str:
     if protocol != "tcp":
         raise argparse.ArgumentTypeError(f"invalid address {text!r}: only tcp is served")
     return text
+
+
+def metrics_address_argument(text: str) -> tuple[str, int]:
+    """Parse ``--metrics HOST:PORT`` (``[::1]:9100`` for IPv6) into ``(host, port)``.
+
+    Raises:
+        argparse.ArgumentTypeError: a malformed address.
+    """
+    try:
+        protocol, host, port = split_address(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"invalid address {text!r}: {exc}") from exc
+    if protocol != "tcp":
+        raise argparse.ArgumentTypeError(f"invalid address {text!r}: metrics are served over http")
+    return host, port
 
 
 def worker_count_argument(text: str) -> int | str:
@@ -299,7 +325,31 @@ def _serve(args: argparse.Namespace) -> int:
     with _executor_for(args) as executor:
         server = _create_server(server_class, args, executor)
         print(f"{PROG}: serving {args.target} at {server.address}", flush=True)
-        return _Supervisor(server, stats_interval_s=args.stats_interval).serve_until_stopped()
+        with _metrics_endpoint(server, args.metrics):
+            return _Supervisor(server, stats_interval_s=args.stats_interval).serve_until_stopped()
+
+
+@contextlib.contextmanager
+def _metrics_endpoint(server: RequestServer, address: tuple[str, int] | None) -> Iterator[None]:
+    """Serve ``/metrics`` for ``server`` while the block runs, if ``--metrics`` asks."""
+    if address is None:
+        yield
+        return
+    from ._metrics import start_metrics_server
+
+    host, port = address
+    try:
+        http_server, bound_port = start_metrics_server(server, host, port)
+    except (ImportError, OSError) as exc:
+        message = f"cannot serve metrics at {host}:{port}: {_one_line(exc)}"
+        raise CliError(message, EXIT_ERROR) from exc
+    shown = f"[{host}]" if ":" in host else host
+    print(f"{PROG}: metrics at http://{shown}:{bound_port}/metrics", flush=True)
+    try:
+        yield
+    finally:
+        http_server.shutdown()
+        http_server.server_close()
 
 
 @contextlib.contextmanager

@@ -1,0 +1,69 @@
+"""One worker process as the parent sees it: the CPU sampler, with concurrent readers."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import psutil
+import pytest
+
+from mpreqrep._pool import ProcessPoolDispatcher
+from mpreqrep._pool._process import CpuSampler
+
+from .conftest import UNIT, wait_until
+from .ops_handlers import Spinner
+
+pytestmark = pytest.mark.timeout(60 * UNIT)
+
+
+def test_readers_within_a_window_share_one_measurement() -> None:
+    sampler = CpuSampler(psutil.Process(), now=0.0, interval_s=0.5)
+    assert sampler.read(0.1) == 0.0  # no window finished yet
+    deadline = time.process_time() + 0.05
+    while time.process_time() < deadline:  # burn some CPU in this process
+        pass
+    first = sampler.read(0.6)
+    assert first > 0.0
+    assert sampler.read(0.7) == first  # the same window, whoever asks
+
+
+def test_a_gone_process_raises_no_such_process() -> None:
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    process = psutil.Process(child.pid)
+    sampler = CpuSampler(process, now=0.0, interval_s=0.0)
+    child.wait(timeout=30 * UNIT)
+    with pytest.raises(psutil.NoSuchProcess):
+        sampler.read(1.0)
+
+
+def test_concurrent_stats_callers_do_not_skew_cpu_percent() -> None:
+    """Eight threads polling stats() while a worker spins: every figure stays within one
+    CPU (the old per-call measurement reported thousands of percent)."""
+    dispatcher = ProcessPoolDispatcher(Spinner(), 1, request_timeout_s=None, max_worker_memory=None)
+    dispatcher.start()
+    try:
+        busy = dispatcher.submit(f"spin:{1.5 * UNIT}")
+        seen: list[float] = []
+        stop = threading.Event()
+
+        def poll() -> None:
+            while not stop.is_set():
+                seen.extend(worker["cpu_percent"] for worker in dispatcher.stats()["workers"])
+
+        pollers = [threading.Thread(target=poll) for _ in range(8)]
+        for poller in pollers:
+            poller.start()
+        busy.result(timeout=30 * UNIT)
+        stop.set()
+        for poller in pollers:
+            poller.join(10 * UNIT)
+        assert len(seen) > 100
+        assert all(0.0 <= value <= 100.0 * 1.25 for value in seen), max(seen)
+        assert max(seen) > 0.0
+        assert wait_until(lambda: dispatcher.stats()["in_flight"] == 0, 10 * UNIT)
+    finally:
+        dispatcher.shutdown()
