@@ -66,6 +66,11 @@ EXIT_SIGNAL_BASE = 128
 SIZE_MULTIPLIERS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
 _SIZE_PATTERN = re.compile(r"(\d+(?:\.\d*)?)\s*([KMGT]?)(?:I?B)?", re.IGNORECASE)
 _SHUTDOWN_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+_OPERATION_SIGNALS = (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU)
+DEFAULT_GRACEFUL_TIMEOUT_S = 30.0
+EXIT_MARGIN_S = 2.0
+"""Seconds past the graceful timeout after which ``serve`` exits even if the server
+has not stopped (a thread-mode handler cannot be killed)."""
 
 
 class CliError(Exception):
@@ -198,6 +203,49 @@ def _add_operations_options(serve: argparse.ArgumentParser) -> None:
         metavar="HOST:PORT",
         help="serve Prometheus metrics at http://HOST:PORT/metrics (needs mpreqrep[metrics])",
     )
+    serve.add_argument(
+        "--graceful-timeout",
+        type=positive_seconds_argument,
+        metavar="S",
+        help="on SIGINT/SIGTERM, give in-flight requests S seconds, then kill the workers "
+        "still running them and exit (default: 30)",
+    )
+    serve.add_argument(
+        "--max-requests",
+        type=positive_int_argument,
+        metavar="N",
+        help="process mode: recycle a worker after N requests",
+    )
+    serve.add_argument(
+        "--max-requests-jitter",
+        type=natural_int_argument,
+        metavar="J",
+        help="process mode: each worker recycles after N + randint(0, J) requests",
+    )
+
+
+def positive_int_argument(text: str) -> int:
+    """Parse an integer of at least 1.
+
+    Raises:
+        argparse.ArgumentTypeError: anything else.
+    """
+    with contextlib.suppress(ValueError):
+        if int(text) >= 1:
+            return int(text)
+    raise argparse.ArgumentTypeError(f"expected a positive integer, not {text!r}")
+
+
+def natural_int_argument(text: str) -> int:
+    """Parse an integer of at least 0.
+
+    Raises:
+        argparse.ArgumentTypeError: anything else.
+    """
+    with contextlib.suppress(ValueError):
+        if int(text) >= 0:
+            return int(text)
+    raise argparse.ArgumentTypeError(f"expected an integer of at least 0, not {text!r}")
 
 
 def _add_request_command(commands: argparse._SubParsersAction[_ArgumentParser]) -> None:
@@ -326,7 +374,12 @@ def _serve(args: argparse.Namespace) -> int:
         server = _create_server(server_class, args, executor)
         print(f"{PROG}: serving {args.target} at {server.address}", flush=True)
         with _metrics_endpoint(server, args.metrics):
-            return _Supervisor(server, stats_interval_s=args.stats_interval).serve_until_stopped()
+            supervisor = _Supervisor(
+                server,
+                stats_interval_s=args.stats_interval,
+                graceful_timeout_s=args.graceful_timeout or DEFAULT_GRACEFUL_TIMEOUT_S,
+            )
+            return supervisor.serve_until_stopped()
 
 
 @contextlib.contextmanager
@@ -413,6 +466,9 @@ def _create_server(
         "executor": executor,
         "request_timeout": args.request_timeout,
         "max_worker_memory": args.max_worker_memory,
+        "graceful_timeout": args.graceful_timeout,
+        "max_requests": args.max_requests,
+        "max_requests_jitter": args.max_requests_jitter,
     }
     if args.async_val:
         options["async_val"] = True
@@ -439,9 +495,16 @@ class _Supervisor:
         stats_interval_s: seconds between stats lines; ``None`` for none.
     """
 
-    def __init__(self, server: RequestServer, *, stats_interval_s: float | None) -> None:
+    def __init__(
+        self,
+        server: RequestServer,
+        *,
+        stats_interval_s: float | None,
+        graceful_timeout_s: float = DEFAULT_GRACEFUL_TIMEOUT_S,
+    ) -> None:
         self._server = server
         self._stats_interval_s = stats_interval_s
+        self._graceful_timeout_s = graceful_timeout_s
         self._events: queue.SimpleQueue[int | None] = queue.SimpleQueue()
         self._signalled = False
         self._failure: Exception | None = None
@@ -456,7 +519,7 @@ class _Supervisor:
             CliError: the server failed (``EXIT_ERROR``).
         """
         runner = threading.Thread(target=self._run_server, name="mpreqrep-cli-server")
-        with _signal_handlers(self._on_signal):
+        with _signal_handlers(self._on_signal), _operation_signals(self._events.put):
             runner.start()
             signum = self._wait_for_event()
             if signum is not None:
@@ -465,7 +528,7 @@ class _Supervisor:
                     signal.Signals(signum).name,
                 )
             self._server.stop()
-            runner.join()
+            self._join_within_graceful_timeout(runner)
         if self._failure is not None:
             raise CliError(f"server failed: {_one_line(self._failure)}{TRACEBACK_HINT}", EXIT_ERROR)
         return EXIT_OK
@@ -484,9 +547,20 @@ class _Supervisor:
         """Wait for a signal number, or ``None`` when the server ended; log stats meanwhile."""
         while True:
             try:
-                return self._events.get(timeout=self._stats_interval_s)
+                event = self._events.get(timeout=self._stats_interval_s)
             except queue.Empty:
                 logger.info("stats %s", format_stats(self._server.stats()))
+                continue
+            if event not in _OPERATION_SIGNALS:
+                return event
+            operate(self._server, event)
+
+    def _join_within_graceful_timeout(self, runner: threading.Thread) -> None:
+        """Wait for the server to stop; past the graceful timeout (and a margin), exit now."""
+        runner.join(self._graceful_timeout_s + EXIT_MARGIN_S)
+        if runner.is_alive():
+            logger.error("the server did not stop within the graceful timeout; exiting now")
+            _hard_exit(EXIT_ERROR)
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         """Signal handler: the first signal asks for a drain, the second exits now."""
@@ -507,15 +581,58 @@ def _signal_handlers(handler: Callable[[int, FrameType | None], None]) -> Iterat
             signal.signal(signum, old_handler)
 
 
+@contextlib.contextmanager
+def _operation_signals(put: Callable[[int], None]) -> Iterator[None]:
+    """Queue SIGHUP, SIGTTIN and SIGTTOU for the main thread; restore the handlers after."""
+    previous = {
+        signum: signal.signal(signum, lambda signum, frame: put(signum))
+        for signum in _OPERATION_SIGNALS
+    }
+    try:
+        yield
+    finally:
+        for signum, old_handler in previous.items():
+            signal.signal(signum, old_handler)
+
+
+def operate(server: RequestServer, signum: int) -> None:
+    """Carry out an operation signal, as gunicorn's arbiter does: SIGHUP replaces
+    every worker (one at a time), SIGTTIN adds one, SIGTTOU removes one (it drains
+    first; never the last). Outside process mode, it is logged and ignored."""
+    name = signal.Signals(signum).name
+    stats = server.stats()
+    workers = stats.get("workers_wanted")
+    if not stats:
+        logger.warning("%s ignored: the server is not serving yet", name)
+    elif workers is None:
+        logger.warning("%s ignored: only process mode (--workers) has workers to manage", name)
+    elif signum == signal.SIGHUP:
+        logger.info("SIGHUP: replacing the %d workers one at a time", workers)
+        server.restart_workers()
+    elif signum == signal.SIGTTIN:
+        logger.info("SIGTTIN: %d workers -> %d", workers, workers + 1)
+        server.resize(workers + 1)
+    elif workers > 1:
+        logger.info("SIGTTOU: %d workers -> %d", workers, workers - 1)
+        server.resize(workers - 1)
+    else:
+        logger.warning("SIGTTOU ignored: the last worker stays")
+
+
 def _exit_now(signum: int) -> NoReturn:
     """Exit without draining, terminating the worker processes so none outlive us."""
     with contextlib.suppress(OSError):
         name = signal.Signals(signum).name
         os.write(sys.stderr.fileno(), f"{PROG}: second {name}: exiting now\n".encode())
+    _hard_exit(EXIT_SIGNAL_BASE + signum)
+
+
+def _hard_exit(code: int) -> NoReturn:
+    """Exit at once with ``code``, terminating the worker processes so none outlive us."""
     for child in multiprocessing.active_children():
         child.terminate()
     remove_socket_directories()
-    os._exit(EXIT_SIGNAL_BASE + signum)
+    os._exit(code)
 
 
 def format_stats(stats: Mapping[str, object]) -> str:

@@ -31,6 +31,8 @@ TYPE_CHECKING = False  # typing is not imported at run time (import cost, see RE
 if TYPE_CHECKING:
     from typing import Any
 
+    from ._pool import ProcessPoolDispatcher
+
 logger = logging.getLogger("mpreqrep")
 
 DEFAULT_MAX_REQUEST_SIZE = 1_048_576
@@ -39,6 +41,7 @@ DEFAULT_MAX_PENDING = 1024
 DEFAULT_MAX_BUFFERED_BYTES = 64 * 1024 * 1024
 DEFAULT_MAX_THREADS = 64
 DEFAULT_BACKLOG = 1024
+DEFAULT_GRACEFUL_TIMEOUT_S = 30.0
 
 _THREAD_ATTRIBUTES = frozenset(vars(threading.Thread()))
 
@@ -63,7 +66,13 @@ class _Options:
         max_buffered_bytes: int | None,
         max_worker_memory: int | None,
         max_threads: int,
+        graceful_timeout_s: float | None = DEFAULT_GRACEFUL_TIMEOUT_S,
+        max_requests: int | None = None,
+        max_requests_jitter: int = 0,
     ) -> None:
+        self.graceful_timeout_s = graceful_timeout_s
+        self.max_requests = max_requests
+        self.max_requests_jitter = max_requests_jitter
         self.async_val = async_val
         self.verbose = verbose
         self.workers = workers
@@ -135,6 +144,15 @@ class RequestServer(threading.Thread):
             recycled between requests.
         max_threads: ``async_val=True``: size of the handler thread pool.
         backlog: the listen backlog.
+        graceful_timeout: process mode: seconds the running requests get
+            after :meth:`stop`; then the workers still running them are
+            killed (frozen ones too) and their clients get no reply. 30 by
+            default, as gunicorn's; ``None`` waits as long as they run.
+        max_requests: process mode: requests after which a worker is
+            recycled (replaced once another worker serves), as gunicorn's.
+        max_requests_jitter: each worker draws its own limit in
+            ``[max_requests, max_requests + max_requests_jitter]``, so
+            workers do not recycle together.
 
     Raises:
         ValueError: a malformed address, a protocol other than tcp, both
@@ -167,6 +185,9 @@ class RequestServer(threading.Thread):
         max_worker_memory: int | None = None,
         max_threads: int = DEFAULT_MAX_THREADS,
         backlog: int = DEFAULT_BACKLOG,
+        graceful_timeout: float | None = DEFAULT_GRACEFUL_TIMEOUT_S,
+        max_requests: int | None = None,
+        max_requests_jitter: int = 0,
         **kwargs: Any,
     ) -> None:
         async_val = _pop_async_alias(async_val, kwargs)
@@ -182,6 +203,9 @@ class RequestServer(threading.Thread):
             max_buffered_bytes=max_buffered_bytes,
             max_worker_memory=max_worker_memory,
             max_threads=max_threads,
+            graceful_timeout_s=graceful_timeout,
+            max_requests=max_requests,
+            max_requests_jitter=max_requests_jitter,
         )
         _check_options(self._options, executor)
         host, port = tcp_endpoint(address)
@@ -264,6 +288,35 @@ class RequestServer(threading.Thread):
         runtime.stop_requested = True
         if runtime.loop is not None:
             runtime.loop.request_stop()
+            _begin_stop(runtime.dispatcher)
+
+    def resize(self, workers: int) -> None:
+        """Process mode: keep ``workers`` worker processes from now on, while serving.
+
+        New workers start at once; removed ones (starting ones first, then the
+        oldest) take no new request and exit once they answered theirs. Returns
+        at once; any thread.
+
+        Raises:
+            RuntimeError: not serving in process mode.
+            ValueError: ``workers`` is not an int of at least 1.
+        """
+        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+            raise ValueError(f"workers must be an int of at least 1, not {workers!r}")
+        self._pool_dispatcher("resize").resize(workers)
+
+    def restart_workers(self) -> None:
+        """Process mode: replace every worker, one at a time, without losing a request.
+
+        Each new worker is serving before its old one retires, and the old one
+        answers its requests first. New workers load a fresh copy of the
+        server and import its module afresh, so edited code is served. Returns
+        at once; any thread.
+
+        Raises:
+            RuntimeError: not serving in process mode.
+        """
+        self._pool_dispatcher("restart_workers").restart_workers()
 
     def stats(self) -> dict[str, Any]:
         """Counters, latency percentiles and the dispatcher's figures (any thread)."""
@@ -313,6 +366,17 @@ class RequestServer(threading.Thread):
             raise RuntimeError("this is a worker's copy of the server; it cannot serve")
         return self._runtime
 
+    def _pool_dispatcher(self, method: str) -> ProcessPoolDispatcher:
+        """The process pool this server serves with, or ``RuntimeError``."""
+        runtime = self._require_runtime()
+        dispatcher = runtime.dispatcher
+        if self._options.workers is None or dispatcher is None:
+            raise RuntimeError(f"{method}() needs a server serving in process mode (workers=N)")
+        from ._pool import ProcessPoolDispatcher
+
+        assert isinstance(dispatcher, ProcessPoolDispatcher)
+        return dispatcher
+
     def _claim(self, method: str) -> _Runtime:
         """Mark the server as serving, or raise if it served before (any thread)."""
         runtime = self._require_runtime()
@@ -342,6 +406,7 @@ class RequestServer(threading.Thread):
         )
         if runtime.stop_requested:
             runtime.loop.request_stop()
+            _begin_stop(dispatcher)
 
     @contextlib.contextmanager
     def _ctrl_c_stops(self) -> Iterator[None]:
@@ -383,6 +448,13 @@ def _released_on_failure(runtime: _Runtime) -> Iterator[None]:
         raise
 
 
+def _begin_stop(dispatcher: Dispatcher | None) -> None:
+    """Tell a process pool that stopping began (its graceful timeout starts)."""
+    begin_stop = getattr(dispatcher, "begin_stop", None)  # process mode only
+    if begin_stop is not None:
+        begin_stop()
+
+
 def _pop_async_alias(async_val: bool, kwargs: dict[str, Any]) -> bool:
     """Accept yoton's documented ``async`` keyword; reject any other extra keyword."""
     if "async" in kwargs:
@@ -396,9 +468,19 @@ def _check_options(options: _Options, executor: Executor | Callable[..., Executo
     """Reject contradictory or out-of-range settings early, with a clear message."""
     if executor is not None and options.workers is not None:
         raise ValueError("give either workers or executor, not both")
+    if options.workers is not None:
+        from ._pool._options import check_recycling  # loaded already: workers were resolved
+
+        check_recycling(options.max_requests, options.max_requests_jitter)
     if not (executor is None or isinstance(executor, Executor) or callable(executor)):
         raise TypeError(f"executor must be an Executor or a factory of one, not {executor!r}")
-    for name in ("request_timeout_s", "max_worker_memory", "max_pending", "max_buffered_bytes"):
+    for name in (
+        "request_timeout_s",
+        "max_worker_memory",
+        "max_pending",
+        "max_buffered_bytes",
+        "graceful_timeout_s",
+    ):
         value = getattr(options, name)
         if value is not None and not 0 < value < math.inf:  # NaN and infinity too: None is no limit
             raise ValueError(
@@ -441,6 +523,9 @@ def _make_dispatcher(
             options.workers,
             request_timeout_s=options.request_timeout_s,
             max_worker_memory=options.max_worker_memory,
+            max_requests=options.max_requests,
+            max_requests_jitter=options.max_requests_jitter,
+            graceful_timeout_s=options.graceful_timeout_s,
         )
     if options.async_val:
         return thread_dispatcher(server, max_threads=options.max_threads)

@@ -22,7 +22,7 @@ class Spinner:
 
 
 class OpsServer(mpreqrep.RequestServer):
-    """Replies its pid; ``sleep:s`` sleeps first; ``hold:path`` creates ``path``, then
+    """Replies its pid; ``sleep:s`` sleeps first; ``hold:path`` writes its pid to ``path``, then
     waits until ``path.release`` exists (at most a minute); ``exit`` kills the worker."""
 
     def handle_request(self, request: str) -> str:
@@ -32,7 +32,9 @@ class OpsServer(mpreqrep.RequestServer):
         if command == "sleep":
             time.sleep(float(argument))
         elif command == "hold":
-            Path(argument).touch()
+            scratch = Path(argument + ".tmp")
+            scratch.write_text(str(os.getpid()))
+            scratch.rename(argument)  # appears with its content
             release = Path(argument + ".release")
             deadline = time.monotonic() + 60
             while not release.exists() and time.monotonic() < deadline:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import random
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -37,7 +38,7 @@ from loky.backend.reduction import dumps as loky_dumps
 from .._channel import Channel
 from .._dispatch import Dispatcher, Handler, LoopHooks
 from ._errors import PoolStartError
-from ._options import check_options
+from ._options import check_options, check_recycling
 from ._process import WorkerProcess
 from ._requests import Requests
 from ._supervisor import Supervisor
@@ -81,6 +82,12 @@ class ProcessPoolDispatcher(Dispatcher):
         request_timeout_s: seconds a handler may run, ``None`` for no limit.
         max_worker_memory: RSS in bytes past which a worker is recycled,
             ``None`` for no limit.
+        max_requests: requests after which a worker is recycled, ``None``
+            for no limit; each worker draws its own limit in
+            ``[max_requests, max_requests + max_requests_jitter]``.
+        max_requests_jitter: the spread of those limits (0 or more).
+        graceful_timeout_s: after :meth:`begin_stop`, seconds the running
+            requests get before their workers are killed; ``None``: no limit.
 
     Raises:
         ValueError: an argument is out of range.
@@ -95,8 +102,16 @@ class ProcessPoolDispatcher(Dispatcher):
         *,
         request_timeout_s: float | None,
         max_worker_memory: int | None,
+        max_requests: int | None = None,
+        max_requests_jitter: int = 0,
+        graceful_timeout_s: float | None = None,
     ) -> None:
         check_options(workers, request_timeout_s, max_worker_memory)
+        check_recycling(max_requests, max_requests_jitter)
+        self._max_requests = max_requests
+        self._jitter = max_requests_jitter
+        self._graceful_s = graceful_timeout_s
+        self._limits: dict[int, int] = {}  # pid -> the requests it serves before recycling
         self._handler = handler
         self._max_rss = max_worker_memory
         self._supervisor = Supervisor(self, workers=workers, max_rss=max_worker_memory)
@@ -151,6 +166,27 @@ class ProcessPoolDispatcher(Dispatcher):
         self._supervisor.stop()
         self._requests.fail_all(reason)  # only if no worker could be started again
 
+    # -- operations (any thread) --------------------------------------------------------------
+
+    def resize(self, workers: int) -> None:
+        """Keep ``workers`` worker processes; removed ones drain first.
+
+        Raises:
+            ValueError: ``workers`` is below 1.
+        """
+        self._supervisor.resize(workers)
+
+    def restart_workers(self) -> None:
+        """Replace every worker, one at a time: each new one serves before its old one
+        retires, and the old one answers its requests first. New workers load the
+        handler afresh (its module is imported again)."""
+        self._supervisor.restart_workers()
+
+    def begin_stop(self) -> None:
+        """The server is stopping: start the graceful timeout, if any."""
+        if self._graceful_s is not None:
+            self._supervisor.begin_stop(self._graceful_s)
+
     def stats(self) -> dict[str, Any]:
         """Pool health and one entry per live worker (any thread).
 
@@ -181,6 +217,8 @@ class ProcessPoolDispatcher(Dispatcher):
         """A worker said hello: host its channel and give it requests."""
         assert worker.channel is not None, "a ready worker has a channel"
         link = self._links[worker.pid] = _Link(worker, worker.channel, self._host)
+        if self._max_requests is not None:
+            self._limits[worker.pid] = self._max_requests + random.randint(0, self._jitter)
         self._requests.join(worker.pid, worker.channel)
         self._add_reader(link)
 
@@ -205,6 +243,18 @@ class ProcessPoolDispatcher(Dispatcher):
     def is_idle(self) -> bool:
         """Whether no request is waiting or on a worker."""
         return self._requests.is_idle()
+
+    def retire_worker(self, worker: WorkerProcess) -> None:
+        """Send a worker no more requests; close its channel once it is idle."""
+        link = self._links.get(worker.pid)
+        if link is not None and self._requests.retire(worker.pid):
+            self._on_host(link, functools.partial(self._close_channel, link))
+
+    def abandon(self) -> None:
+        """Fail every request taken and refuse new ones: the graceful timeout passed."""
+        reason = "the server stopped: graceful_timeout passed"
+        self._requests.refuse(reason)
+        self._requests.fail_all(reason)
 
     def release(self) -> None:
         """Close every channel on its host: the workers exit."""
@@ -248,6 +298,9 @@ class ProcessPoolDispatcher(Dispatcher):
         if replies.retiring:
             logger.info("worker %d reached max_worker_memory; recycling it", link.worker.pid)
             link.worker.cause = "recycled"
+            link.worker.retired = True  # its replacement starts now
+            self._supervisor.wake()
+        self._recycle_if_due(link.worker.pid)
         if replies.retired:
             self._close_channel(link)
 
@@ -262,6 +315,14 @@ class ProcessPoolDispatcher(Dispatcher):
         self._requests.lose(link.worker.pid)
         if not drain:  # the end of stream came first: make sure the process ends too
             self._supervisor.call_soon(lambda: link.worker.kill("crashed"))
+
+    def _recycle_if_due(self, pid: int) -> None:
+        """Have the supervisor recycle a worker that served its ``max_requests`` (once)."""
+        limit = self._limits.get(pid)
+        if limit is not None and self._requests.served(pid) >= limit:
+            del self._limits[pid]
+            logger.info("worker %d served %d requests; recycling it", pid, limit)
+            self._supervisor.recycle_soon(pid)
 
     def _close_channel(self, link: _Link) -> None:
         """Stop reading a channel and close it: its worker exits (host thread)."""

@@ -53,3 +53,19 @@ def check_options(
         raise ValueError(f"request_timeout_s must be positive, not {request_timeout_s}")
     if max_worker_memory is not None and max_worker_memory <= 0:
         raise ValueError(f"max_worker_memory must be positive, not {max_worker_memory}")
+
+
+def check_recycling(max_requests: int | None, jitter: int) -> None:
+    """Reject a ``max_requests`` below 1 or a negative ``max_requests_jitter``.
+
+    Raises:
+        ValueError: one of them is out of range, or not an int.
+    """
+    if max_requests is not None and (not _is_int(max_requests) or max_requests < 1):
+        raise ValueError(f"max_requests must be an int of at least 1, not {max_requests!r}")
+    if not _is_int(jitter) or jitter < 0:
+        raise ValueError(f"max_requests_jitter must be an int of at least 0, not {jitter!r}")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

@@ -84,7 +84,8 @@ class WorkerProcess:
     """A spawned worker, from its start until it is reaped.
 
     ``cause`` says why it is being replaced once the supervisor knows
-    (``"timed_out"``, ``"recycled"``, ...); ``channel`` is set when it said
+    (``"timed_out"``, ``"recycled"``, ...); ``retired`` once it takes no
+    more requests (it drains, then exits); ``channel`` is set when it said
     hello, ``lifeline`` when it connected its lifeline. Used by the
     supervisor thread only, except :meth:`describe` (any thread).
 
@@ -115,6 +116,7 @@ class WorkerProcess:
         self.channel: Channel | None = None
         self.lifeline: Channel | None = None
         self.init_failure: InitFailed | None = None
+        self.retired = False
         try:
             self._psutil: psutil.Process | None = psutil.Process(self.pid)
         except psutil.NoSuchProcess:  # died already; its sentinel says so next

@@ -139,6 +139,11 @@ class Requests:
         if wake:
             self._wake()
 
+    def retire(self, pid: int) -> bool:
+        """Send worker ``pid`` nothing more; whether it is idle (or gone) already."""
+        with self._lock:
+            return pid not in self._channels or self._book.retire(pid)
+
     def close(self, channel: Channel) -> None:
         """Close a channel (its worker exits); the worker stays in the book until lost."""
         with self._lock:
@@ -207,6 +212,11 @@ class Requests:
             self._pending.clear()
         for entry in left:
             _fail(entry.future, RuntimeError(reason))
+
+    def served(self, pid: int) -> int:
+        """The replies worker ``pid`` gave."""
+        with self._lock:
+            return self._book.served(pid)
 
     def figures(self, pids: Iterable[int]) -> tuple[dict[str, Any], dict[int, int]]:
         """The counters, and the replies each of ``pids`` gave (any thread)."""

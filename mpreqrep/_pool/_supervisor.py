@@ -43,6 +43,7 @@ from ._errors import PoolStartError
 from ._greeter import Greeter, Introduction
 from ._loop import SelectLoop
 from ._process import WorkerProcess
+from ._turnover import Turnover
 
 logger = logging.getLogger("mpreqrep")
 
@@ -65,7 +66,10 @@ REAP_TIMEOUT_S = 1.0
 ERROR_PAUSE_S = 0.1
 """Least wait after an unexpected error in a pass, so a recurring one cannot spin."""
 
-RESTART_CAUSES = ("crashed", "timed_out", "recycled", "killed")
+RESTART_CAUSES = ("crashed", "timed_out", "recycled", "reloaded", "killed")
+
+REMOVED = "removed"
+"""The cause of a worker retired by resizing down: not a restart."""
 
 _live: weakref.WeakSet[Supervisor] = weakref.WeakSet()
 
@@ -87,6 +91,12 @@ class PoolSide(Protocol):
 
     def shed_waiting(self) -> None:
         """No worker is alive and a start failed: fail the waiting requests."""
+
+    def retire_worker(self, worker: WorkerProcess) -> None:
+        """Send a ready worker no more requests; it exits once it answered its own."""
+
+    def abandon(self) -> None:
+        """The graceful timeout passed: fail every request taken, refuse new ones."""
 
     def is_idle(self) -> bool:
         """Whether no request is waiting or on a worker."""
@@ -117,7 +127,7 @@ class Supervisor(SelectLoop):
     def __init__(self, pool: PoolSide, *, workers: int, max_rss: int | None) -> None:
         super().__init__()
         self._pool = pool
-        self._wanted = workers
+        self._turnover = Turnover(workers)
         self._max_rss = max_rss
         self._token = secrets.token_hex(16)
         self._payload = b""
@@ -139,6 +149,8 @@ class Supervisor(SelectLoop):
         self._error_at = 0.0
         self._traceback_logged = False
         self._exiting = False
+        self._give_up_at: float | None = None
+        self._given_up = False
 
     # -- control (other threads) ------------------------------------------------------------
 
@@ -175,6 +187,54 @@ class Supervisor(SelectLoop):
         else:  # never started
             self.close_loop()
 
+    # -- operations (any thread; carried out on the supervisor thread) ------------------------
+
+    @property
+    def wanted(self) -> int:
+        """How many workers the pool keeps."""
+        return self._turnover.wanted
+
+    def resize(self, workers: int) -> None:
+        """Keep ``workers`` workers: start the missing ones, retire the surplus (drained).
+
+        Raises:
+            ValueError: ``workers`` is below 1.
+        """
+        self._turnover.resize(workers)  # one int: stats() shows it at once
+        self.wake()
+
+    def restart_workers(self) -> None:
+        """Replace every serving worker, one at a time, each once its successor serves."""
+
+        def restart() -> None:
+            for worker in self._table.values():
+                if worker.ready and not worker.retired:
+                    worker.cause = worker.cause or "reloaded"
+                    self._turnover.replace(worker.pid, recycling=False)
+
+        self.call_soon(restart)
+
+    def recycle_soon(self, pid: int) -> None:
+        """Retire worker ``pid`` (it reached ``max_requests``) as soon as another serves."""
+
+        def recycle() -> None:
+            worker = self._table.get(pid)
+            if worker is not None:
+                worker.cause = worker.cause or "recycled"
+                self._turnover.replace(pid, recycling=True)
+
+        self.call_soon(recycle)
+
+    def begin_stop(self, graceful_timeout_s: float) -> None:
+        """The server is stopping: what still runs ``graceful_timeout_s`` from now is killed."""
+        give_up_at = time.monotonic() + graceful_timeout_s
+
+        def arm() -> None:
+            if self._give_up_at is None:
+                self._give_up_at = give_up_at
+
+        self.call_soon(arm)
+
     def flush_soon(self, channel: Channel) -> None:
         """Watch ``channel`` until its unsent bytes are out (any thread)."""
         with self._lock:
@@ -186,7 +246,7 @@ class Supervisor(SelectLoop):
         with self._lock:
             workers = list(self._table.values())
             figures: dict[str, Any] = {
-                "workers_wanted": self._wanted,
+                "workers_wanted": self._turnover.wanted,
                 "workers_alive": sum(worker.ready for worker in workers),
                 "workers_starting": sum(not worker.ready for worker in workers),
                 **{f"restarts_{cause}": count for cause, count in self._restarts.items()},
@@ -220,6 +280,8 @@ class Supervisor(SelectLoop):
     def _pass(self) -> None:
         """One round: deadlines, spawning, then wait for news and act on each."""
         now = time.monotonic()
+        if self._give_up_at is not None and now >= self._give_up_at and not self._given_up:
+            self._give_up()
         for pid in self._pool.expire(now):
             worker = self._table.get(pid)
             if worker is not None:
@@ -230,6 +292,7 @@ class Supervisor(SelectLoop):
             if self._finished():
                 return
         else:
+            self._turn_over()
             self._spawn_missing(now)
         flushing = self._flush()
         if self.run_once(self._timeout(now, flushing)):
@@ -239,7 +302,7 @@ class Supervisor(SelectLoop):
         """Seconds until something is due: a deadline, a start, a back-off, a kill."""
         planned = [
             FLUSH_RETRY_S if flushing else None,
-            self._backoff.wait_s(now) if len(self._table) < self._wanted else None,
+            self._backoff.wait_s(now) if len(self._table) < self._turnover.wanted else None,
             *(
                 w.started_at + WORKER_START_TIMEOUT_S - now
                 for w in self._table.values()
@@ -249,6 +312,7 @@ class Supervisor(SelectLoop):
             if self._released_at is None or not self._table
             else self._released_at + SHUTDOWN_GRACE_S - now,
             ERROR_PAUSE_S if now - self._error_at < ERROR_PAUSE_S else None,
+            None if self._give_up_at is None or self._given_up else self._give_up_at - now,
         ]
         due = [value for value in planned if value is not None]
         soonest = min(due, default=None)
@@ -259,7 +323,7 @@ class Supervisor(SelectLoop):
 
     def _spawn_missing(self, now: float) -> None:
         """Start as many workers as are missing and the back-off allows."""
-        missing = self._wanted - len(self._table)
+        missing = self._turnover.missing(self._table.values())
         starting = sum(not worker.ready for worker in self._table.values())
         for _ in range(self._backoff.allowed(missing, starting, now)):
             self._spawn(now)
@@ -267,7 +331,7 @@ class Supervisor(SelectLoop):
     def _spawn(self, now: float) -> None:
         """Start one worker process and watch for its end."""
         assert self._listener is not None, "workers start only after start()"
-        if self._exiting:  # the interpreter is exiting
+        if self._exiting or self._given_up:  # the interpreter is exiting, or the pool
             return
         try:
             worker = WorkerProcess(
@@ -293,7 +357,9 @@ class Supervisor(SelectLoop):
         if loop is not None and not loop.call_soon(lambda: None):  # the loop has ended
             self._loop = None
             self._pool.rehost(self)
-        if self._released_at is None and not (self._booting or self._pool.is_idle()):
+        if self._released_at is None and not (
+            self._booting or self._given_up or self._pool.is_idle()
+        ):
             self._spawn_missing(now)  # a worker may die while requests still wait
             return
         if self._released_at is None:
@@ -333,7 +399,7 @@ class Supervisor(SelectLoop):
         self._backoff.succeeded()
         self._traceback_logged = False
         self._pool.worker_ready(worker)
-        if self._booting and len(self.ready_workers()) == self._wanted:
+        if self._booting and len(self.ready_workers()) == self._turnover.wanted:
             self._booting = False
             self._boot_done.set()
         elif not self._booting:
@@ -360,18 +426,44 @@ class Supervisor(SelectLoop):
         status = worker.reap(timeout=REAP_TIMEOUT_S)
         with self._lock:
             del self._table[worker.pid]
+        self._turnover.forget(worker.pid)
+        if not worker.ready and (worker.cause == REMOVED or self._given_up):
+            return  # dropped on purpose: not a failed start
         if not worker.ready:
             failure = worker.init_failure
             reason = failure.summary if failure else worker.cause or f"exit status {status}"
             self._start_failed(f"worker {worker.pid} failed to start: {reason}", time.monotonic())
             return
         cause = worker.cause or "crashed"
-        if self._released_at is None:  # not a worker ending as the pool stops
-            with self._lock:
-                self._restarts[cause if cause in self._restarts else "killed"] += 1
-            level = logging.INFO if cause == "recycled" else logging.WARNING
+        if self._released_at is None and not self._given_up:  # not ending as the pool stops
+            if cause != REMOVED:
+                with self._lock:
+                    self._restarts[cause if cause in self._restarts else "killed"] += 1
+            level = logging.INFO if cause in ("recycled", "reloaded", REMOVED) else logging.WARNING
             logger.log(level, "worker %d ended (%s, exit status %s)", worker.pid, cause, status)
         self._pool.worker_gone(worker)
+
+    def _turn_over(self) -> None:
+        """Retire the workers the turnover plan says may go, drop unwanted starting ones."""
+        plan = self._turnover.plan(list(self._table.values()))
+        for pid in plan.drop:
+            self._table[pid].kill(REMOVED)
+        for pid in plan.retire:
+            worker = self._table[pid]
+            worker.cause = worker.cause or REMOVED
+            worker.retired = True
+            logger.info("worker %d retires (%s): it finishes its requests first", pid, worker.cause)
+            self._pool.retire_worker(worker)
+
+    def _give_up(self) -> None:
+        """The graceful timeout passed while stopping: fail what is left, kill every worker."""
+        self._given_up = True
+        busy = not self._pool.is_idle()
+        self._pool.abandon()
+        if busy:
+            logger.warning("graceful timeout: killing the workers with requests still running")
+        for worker in list(self._table.values()):
+            worker.kill("killed")
 
     def _start_failed(self, reason: str, now: float) -> None:
         """Count a failed start: during start(), fail it; later, back off and retry."""

@@ -1,0 +1,239 @@
+"""Measure process mode's operations (issue 13's "Done when" figures).
+
+Each scenario runs ``mpreqrep serve workers.whoami:WhoAmIServer --workers 2``
+under load from ``--clients`` client threads and prints one line of figures:
+
+- ``hup``: SIGHUP: failed requests, whether every worker pid was replaced;
+- ``ttin``: SIGTTIN: seconds until 3 workers answer; then SIGTTOU: seconds
+  until 2 are left;
+- ``max-requests``: ``--max-requests 40 --max-requests-jitter 10`` over 600
+  requests: failed requests, distinct worker pids;
+- ``graceful``: ``--graceful-timeout 2`` with a 60 s request in flight,
+  SIGTERM: seconds until the server exits, children left;
+- ``metrics``: ``--metrics``: whether /metrics parses with prometheus-client's
+  own parser, and its number of families.
+
+Usage: ``python scripts/ops_check.py [--scenarios NAME ...] [--clients N]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+import psutil
+
+import mpreqrep
+
+REPO = Path(__file__).resolve().parent.parent
+TARGET = "workers.whoami:WhoAmIServer"
+DEADLINE_S = 60.0
+
+
+class Serve:
+    """An ``mpreqrep serve`` child with its stdout lines queued."""
+
+    def __init__(self, *options: str) -> None:
+        argv = [sys.executable, "-m", "mpreqrep", "serve", TARGET, "--address", "127.0.0.1:0"]
+        self.process = subprocess.Popen(
+            [*argv, "--log-level", "WARNING", *options],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        self.lines: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+        self.address = self._line(r"mpreqrep: serving \S+ at (\S+)")
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self.lines.put(line)
+
+    def _line(self, pattern: str) -> str:
+        match = re.fullmatch(pattern, self.lines.get(timeout=DEADLINE_S).strip())
+        assert match, pattern
+        return match.group(1)
+
+    def metrics_url(self) -> str:
+        return self._line(r"mpreqrep: metrics at (\S+)")
+
+    def descendants(self) -> list[psutil.Process]:
+        return psutil.Process(self.process.pid).children(recursive=True)
+
+    def signal(self, signum: int) -> None:
+        self.process.send_signal(signum)
+
+    def stop(self) -> float:
+        """SIGTERM; seconds until it exited."""
+        started = time.monotonic()
+        self.signal(signal.SIGTERM)
+        self.process.wait(timeout=DEADLINE_S)
+        return time.monotonic() - started
+
+
+class Load:
+    """Client threads sending requests in a loop, each reply recorded with its time."""
+
+    def __init__(self, address: str, clients: int, each: int = 10**9) -> None:
+        self.replies: list[tuple[float, str | None]] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads = [
+            threading.Thread(target=self._client, args=(address, each)) for _ in range(clients)
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def _client(self, address: str, each: int) -> None:
+        for _ in range(each):
+            if self._stop.is_set():
+                return
+            reply = mpreqrep.do_request(address, "", timeout=30)
+            with self._lock:
+                self.replies.append((time.monotonic(), reply))
+
+    def pids_since(self, since: float) -> set[str]:
+        with self._lock:
+            return {reply.strip() for at, reply in self.replies if reply and at >= since}
+
+    def failed(self) -> int:
+        with self._lock:
+            return sum(not reply for _, reply in self.replies)
+
+    def finish(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(DEADLINE_S)
+
+
+def wait_for(predicate: Callable[[], bool], timeout_s: float = DEADLINE_S) -> float | None:
+    """Seconds until ``predicate`` held, ``None`` if it did not within ``timeout_s``."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout_s:
+        if predicate():
+            return time.monotonic() - started
+        time.sleep(0.01)
+    return None
+
+
+def hup(clients: int) -> str:
+    serve = Serve("--workers", "2")
+    load = Load(serve.address, clients)
+    wait_for(lambda: len(load.replies) >= 100)
+    old = load.pids_since(0.0)
+    sent = time.monotonic()
+    serve.signal(signal.SIGHUP)
+    replaced = wait_for(lambda: len(load.pids_since(time.monotonic() - 0.5) - old) == 2)
+    settled = time.monotonic()
+    wait_for(lambda: load.pids_since(settled + 0.2) and not load.pids_since(settled + 0.2) & old)
+    load.finish()
+    after = load.pids_since(time.monotonic() - 0.5)
+    serve.stop()
+    return (
+        f"hup: {len(load.replies)} requests, failed={load.failed()}, old pids={sorted(old)}, "
+        f"new pids={sorted(after)}, every pid replaced={not after & old and len(after) == 2}, "
+        f"replaced in {replaced if replaced is None else round(replaced, 2)} s "
+        f"(signal at +{sent - sent:.0f})"
+    )
+
+
+def ttin(clients: int) -> str:
+    serve = Serve("--workers", "2")
+    load = Load(serve.address, clients)
+    wait_for(lambda: len(load.replies) >= 50)
+    sent = time.monotonic()
+    serve.signal(signal.SIGTTIN)
+    three = wait_for(lambda: len(load.pids_since(sent)) >= 3, 30)
+    sent = time.monotonic()
+    serve.signal(signal.SIGTTOU)
+
+    def two_left() -> bool:
+        now = time.monotonic()
+        return len(load.pids_since(now - 0.5)) == 2 and now - sent > 0.5
+
+    two = wait_for(two_left, 30)
+    load.finish()
+    serve.stop()
+    return (
+        f"ttin: 3 workers answering after {three and round(three, 2)} s; ttou: 2 answering "
+        f"after {two and round(two, 2)} s; failed={load.failed()} of {len(load.replies)}"
+    )
+
+
+def max_requests(clients: int) -> str:
+    serve = Serve("--workers", "2", "--max-requests", "40", "--max-requests-jitter", "10")
+    load = Load(serve.address, clients, each=600 // clients)
+    load.finish()
+    serve.stop()
+    return (
+        f"max-requests 40 jitter 10: {len(load.replies)} requests, failed={load.failed()}, "
+        f"distinct worker pids={len(load.pids_since(0.0))}"
+    )
+
+
+def graceful(clients: int) -> str:
+    serve = Serve("--workers", "2", "--graceful-timeout", "2")
+    held: list[str | None] = []
+    thread = threading.Thread(target=lambda: held.append(mpreqrep.do_request(serve.address, "60")))
+    thread.start()
+    load = Load(serve.address, clients - 1)
+    wait_for(lambda: len(load.replies) >= 50)
+    family = serve.descendants()
+    load.finish()
+    exited = serve.stop()
+    thread.join(DEADLINE_S)
+    left = [p.pid for p in family if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    return (
+        f"graceful-timeout 2, a 60 s request in flight: exit after {exited:.2f} s, "
+        f"code {serve.process.returncode}, its reply {held!r}, children left={left}"
+    )
+
+
+def metrics(clients: int) -> str:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    serve = Serve("--workers", "2", "--metrics", "127.0.0.1:0")
+    url = serve.metrics_url()
+    load = Load(serve.address, clients, each=25)
+    load.finish()
+    with urllib.request.urlopen(url, timeout=DEADLINE_S) as response:
+        text = response.read().decode()
+    families = list(text_string_to_metric_families(text))
+    serve.stop()
+    served = [s.value for f in families for s in f.samples if s.labels.get("outcome") == "served"]
+    return (
+        f"metrics: {url} parsed by prometheus_client.parser: {len(families)} families, "
+        f"served={served}"
+    )
+
+
+SCENARIOS = {
+    "hup": hup,
+    "ttin": ttin,
+    "max-requests": max_requests,
+    "graceful": graceful,
+    "metrics": metrics,
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--scenarios", nargs="+", choices=list(SCENARIOS), default=list(SCENARIOS))
+    parser.add_argument("--clients", type=int, default=8)
+    args = parser.parse_args()
+    for name in args.scenarios:
+        print(SCENARIOS[name](args.clients), flush=True)
+
+
+if __name__ == "__main__":
+    main()
