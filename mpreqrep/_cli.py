@@ -31,6 +31,7 @@ import re
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Executor
 from decimal import Decimal
@@ -69,6 +70,8 @@ _SHUTDOWN_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 _OPERATION_SIGNALS = (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU)
 DEFAULT_GRACEFUL_TIMEOUT_S = 30.0
 EXIT_MARGIN_S = 2.0
+SIGNAL_POLL_S = 0.1
+"""How often the main thread wakes so that signals delivered to other threads are handled."""
 """Seconds past the graceful timeout after which ``serve`` exits even if the server
 has not stopped (a thread-mode handler cannot be killed)."""
 
@@ -544,20 +547,34 @@ class _Supervisor:
             self._events.put(None)
 
     def _wait_for_event(self) -> int | None:
-        """Wait for a signal number, or ``None`` when the server ended; log stats meanwhile."""
+        """Wait for a signal number, or ``None`` when the server ended; log stats meanwhile.
+
+        The wait wakes every :data:`SIGNAL_POLL_S`: Python runs signal handlers in
+        the main thread only, and a signal that the kernel delivers to another
+        thread (the I/O loop's, say) does not interrupt this one's wait.
+        """
+        interval_s = self._stats_interval_s
+        stats_due = None if interval_s is None else time.monotonic() + interval_s
         while True:
             try:
-                event = self._events.get(timeout=self._stats_interval_s)
+                event = self._events.get(timeout=SIGNAL_POLL_S)
             except queue.Empty:
-                logger.info("stats %s", format_stats(self._server.stats()))
+                if stats_due is not None and interval_s and time.monotonic() >= stats_due:
+                    logger.info("stats %s", format_stats(self._server.stats()))
+                    stats_due = time.monotonic() + interval_s
                 continue
             if event not in _OPERATION_SIGNALS:
                 return event
             operate(self._server, event)
 
     def _join_within_graceful_timeout(self, runner: threading.Thread) -> None:
-        """Wait for the server to stop; past the graceful timeout (and a margin), exit now."""
-        runner.join(self._graceful_timeout_s + EXIT_MARGIN_S)
+        """Wait for the server to stop; past the graceful timeout (and a margin), exit now.
+
+        Joins in steps of :data:`SIGNAL_POLL_S`, so a second signal is handled at once.
+        """
+        deadline = time.monotonic() + self._graceful_timeout_s + EXIT_MARGIN_S
+        while runner.is_alive() and time.monotonic() < deadline:
+            runner.join(SIGNAL_POLL_S)
         if runner.is_alive():
             logger.error("the server did not stop within the graceful timeout; exiting now")
             _hard_exit(EXIT_ERROR)
