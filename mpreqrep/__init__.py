@@ -3,7 +3,8 @@
 Public API: :func:`do_request`, :class:`RequestServer`, :func:`split_address`,
 :func:`port_hash`, :class:`NoServerError`,
 :func:`do_request_async` for asyncio programs and :func:`dask_executor` to run
-handlers on a Dask cluster.
+handlers on a Dask cluster, :class:`ServerCollector` for Prometheus metrics
+(``mpreqrep[metrics]``).
 
 ``import mpreqrep`` loads only the client (socket, time): the server, the
 asyncio client and the Dask helper are imported when first used (module
@@ -23,6 +24,7 @@ TYPE_CHECKING = False  # typing itself is not imported at run time
 if TYPE_CHECKING:
     from ._aclient import do_request_async
     from ._dask import dask_executor
+    from ._metrics import ServerCollector
     from ._server import RequestServer
 del TYPE_CHECKING
 
@@ -31,6 +33,7 @@ __version__ = "0.1.0"
 __all__ = [
     "NoServerError",
     "RequestServer",
+    "ServerCollector",
     "__version__",
     "dask_executor",
     "do_request",
@@ -43,6 +46,7 @@ _LAZY = {
     "RequestServer": "._server",
     "do_request_async": "._aclient",
     "dask_executor": "._dask",
+    "ServerCollector": "._metrics",
 }
 
 

@@ -125,6 +125,22 @@ def test_stop_kills_what_runs_past_the_graceful_timeout(frozen: bool, tmp_path: 
     assert wait_until(lambda: not any(alive(pid) for pid in pids), 10 * UNIT)
 
 
+def test_requests_queued_behind_an_abandoned_one_get_no_reply_either(tmp_path: Path) -> None:
+    server = OpsServer("127.0.0.1:0", workers=2, graceful_timeout=0.5 * UNIT)
+    server.start()
+    markers = [tmp_path / f"held{index}" for index in range(2)]
+    held = [request_in_thread(server.address, f"hold:{marker}") for marker in markers]
+    assert wait_until(lambda: all(marker.exists() for marker in markers), 30 * UNIT)
+    queued = [request_in_thread(server.address, "pid") for _ in range(4)]
+    assert wait_until(lambda: server.stats()["in_flight"] == 6, 30 * UNIT)
+    server.stop()
+    server.join(30 * UNIT)
+    assert not server.is_alive()
+    for thread, replies in held + queued:
+        thread.join(30 * UNIT)
+        assert replies == [""]
+
+
 def test_requests_that_finish_within_the_graceful_timeout_are_answered() -> None:
     server = OpsServer("127.0.0.1:0", workers=1, graceful_timeout=30 * UNIT)
     server.start()

@@ -252,9 +252,7 @@ class ProcessPoolDispatcher(Dispatcher):
 
     def abandon(self) -> None:
         """Fail every request taken and refuse new ones: the graceful timeout passed."""
-        reason = "the server stopped: graceful_timeout passed"
-        self._requests.refuse(reason)
-        self._requests.fail_all(reason)
+        self._requests.abandon("the server stopped: graceful_timeout passed")
 
     def release(self) -> None:
         """Close every channel on its host: the workers exit."""

@@ -205,6 +205,16 @@ class Requests:
         with self._lock:
             self._refusal = self._refusal or reason
 
+    def abandon(self, reason: str) -> None:
+        """Fail every request, refuse new ones and send nothing more to any worker (the
+        graceful timeout passed: the workers are about to be killed)."""
+        with self._lock:
+            self._refusal = self._refusal or reason
+            for pid in self._channels:
+                self._book.retire(pid)  # what their loss hands back stays in the book
+            self._book.shed_waiting()
+        self.fail_all(reason)
+
     def fail_all(self, reason: str) -> None:
         """Fail whatever is still pending (the workers are gone for good)."""
         with self._lock:

@@ -427,8 +427,10 @@ class Supervisor(SelectLoop):
         with self._lock:
             del self._table[worker.pid]
         self._turnover.forget(worker.pid)
-        if not worker.ready and (worker.cause == REMOVED or self._given_up):
-            return  # dropped on purpose: not a failed start
+        if not worker.ready and (
+            worker.cause == REMOVED or self._given_up or self._released_at is not None
+        ):
+            return  # dropped on purpose (resized, stopping): not a failed start
         if not worker.ready:
             failure = worker.init_failure
             reason = failure.summary if failure else worker.cause or f"exit status {status}"
