@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 import mpreqrep
-from mpreqrep import _ioloop as ioloop_module
+from mpreqrep._deadlines import MAX_SELECT_TIMEOUT_S
 from mpreqrep._dispatch import Dispatcher
 from mpreqrep._ioloop import IOLoop
 
@@ -463,6 +463,6 @@ def test_a_far_deadline_never_overflows_select(serving: list[IOLoop]) -> None:
     loop = start_loop(serving, listener, EchoDispatcher(), read_timeout_s=1e300)
     with socket.create_connection(listener.getsockname(), timeout=10 * UNIT):
         assert wait_until(lambda: loop.counts()[2] == 1, 10 * UNIT)  # reading, 1e300 s left
-        assert loop._select_timeout() == ioloop_module.MAX_SELECT_TIMEOUT_S
+        assert loop._select_timeout() == MAX_SELECT_TIMEOUT_S
     address = f"localhost:{listener.getsockname()[1]}"
     assert mpreqrep.do_request(address, "alive", 10 * UNIT) == "echo alive\r\n"

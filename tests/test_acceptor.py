@@ -1,4 +1,5 @@
-"""Stopping: the linger that answers yoton's trigger idiom, the drain, the backlog sweep."""
+"""The acceptor: deferred accepts (Linux), and stopping: the linger that answers
+yoton's trigger idiom, the drain, the backlog sweep."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ import time
 import pytest
 
 import mpreqrep
-from mpreqrep._ioloop import STOP_LINGER_S
+from mpreqrep._acceptor import DEFER_ACCEPT_S, STOP_LINGER_S
+from mpreqrep._dispatch import InlineDispatcher
+from mpreqrep._ioloop import IOLoop
 
 from .conftest import UNIT, running, wait_until
 
@@ -147,3 +150,38 @@ def test_connections_waiting_in_the_backlog_at_close_are_answered() -> None:
                 sock.settimeout(10 * UNIT)
                 name = "hold-busy" if index == 0 else f"queued{index - 1}"
                 assert sock.recv(100) == f"done {name}\r\n".encode()
+
+
+@pytest.mark.skipif(
+    not hasattr(socket, "TCP_DEFER_ACCEPT"), reason="TCP_DEFER_ACCEPT is Linux only"
+)
+def test_serving_sets_defer_accept_and_silent_clients_are_still_dropped() -> None:
+    server = mpreqrep.RequestServer("localhost:0")  # only its echo handler is used
+    listener = socket.create_server(("127.0.0.1", 0), backlog=64)
+    loop = IOLoop(
+        listener,
+        InlineDispatcher(server),
+        read_timeout_s=0.2 * UNIT,
+        request_timeout_s=None,
+        max_request_size=1000,
+        max_pending=None,
+    )
+    thread = threading.Thread(target=loop.serve, daemon=True)
+    thread.start()
+    try:
+        option = (socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT)
+        assert wait_until(lambda: listener.getsockopt(*option) > 0, 5 * UNIT)
+        address = f"localhost:{listener.getsockname()[1]}"
+        assert mpreqrep.do_request(address, "a", 5 * UNIT) == "Requested: a\r\n"
+        with socket.create_connection(listener.getsockname()) as silent:
+            started = time.monotonic()
+            silent.settimeout(DEFER_ACCEPT_S * 5 + 5 * UNIT)
+            assert silent.recv(1) == b""
+            assert time.monotonic() - started < DEFER_ACCEPT_S * 5 + 5 * UNIT
+        assert wait_until(lambda: loop.stats.dropped == 1, 5 * UNIT)
+    finally:
+        loop.request_stop()
+        thread.join(10 * UNIT)
+        server.stop()
+        server.run()
+    assert not thread.is_alive()

@@ -1,0 +1,59 @@
+"""The loop core alone: queued calls, the wake-up socket, readers."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+
+import pytest
+
+from mpreqrep._reactor import Reactor, log_failure
+
+
+def test_queued_calls_run_in_order_and_a_failing_one_is_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    core = Reactor()
+    ran: list[int] = []
+
+    def fail() -> None:
+        raise ValueError("callback bug")
+
+    assert core.call_soon(lambda: ran.append(1))
+    assert core.call_soon(fail)
+    assert core.call_soon(lambda: ran.append(2))
+    core._watch_wakeups()
+    with caplog.at_level(logging.ERROR, logger="mpreqrep"):
+        for key, _ in core._selector.select(0):  # the wake-up socket is readable
+            key.data()
+    assert ran == [1, 2]
+    assert "a callback queued on the I/O loop failed" in caplog.text
+    assert core._selector.select(0) == []  # drained
+    core._refuse_calls()
+    assert not core.call_soon(lambda: ran.append(3))  # closed: the caller runs it
+    core._close_selector()
+    core._wake_nowait()  # after the close: harmless
+
+
+def test_readers_are_added_and_removed_harmlessly() -> None:
+    core = Reactor()
+    reader, writer = socket.socketpair()
+    with reader, writer:
+        core.add_reader(reader, lambda: None)
+        writer.send(b"x")
+        assert [key.fileobj for key, _ in core._selector.select(0)] == [reader]
+        core.remove_reader(reader)
+        core.remove_reader(reader)  # unwatched: harmless
+        core._close_selector()
+        core.remove_reader(reader)  # closed: harmless
+
+
+def test_ctrl_c_propagates_only_on_the_main_thread(caplog: pytest.LogCaptureFixture) -> None:
+    with pytest.raises(KeyboardInterrupt):
+        log_failure(KeyboardInterrupt(), "not logged")
+    thread = threading.Thread(target=log_failure, args=(KeyboardInterrupt(), "logged %s", "off"))
+    with caplog.at_level(logging.ERROR, logger="mpreqrep"):
+        thread.start()
+        thread.join()
+    assert "logged off" in caplog.text
