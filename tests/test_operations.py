@@ -166,6 +166,19 @@ def test_max_requests_recycles_workers_without_losing_a_request() -> None:
         assert wait_until(lambda: server.stats()["workers_alive"] == 2, 30 * UNIT)
 
 
+def test_stopping_while_a_recycled_worker_drains_is_clean(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Its channel is closed before its process ends: stopping then must not watch it."""
+    with (
+        running(OpsServer, workers=2, max_requests=5) as server,
+        load(server.address, clients=4) as clients,
+    ):
+        assert wait_until(lambda: server.stats()["restarts_recycled"] >= 1, 60 * UNIT)
+    assert clients.failures() == 0
+    assert "supervision failed" not in caplog.text
+
+
 # -- resizing --------------------------------------------------------------------------
 
 

@@ -268,7 +268,8 @@ class ProcessPoolDispatcher(Dispatcher):
             if old is self._supervisor:
                 self._supervisor.remove_reader(link.channel)
             link.host = host
-            self._add_reader(link)
+            if not link.channel.closed:  # a retired worker's: nothing more to read
+                self._add_reader(link)
 
     def flush(self, channel: Channel) -> bool:
         """Write a channel's unsent bytes; whether some still wait."""
