@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import sys
 import threading
@@ -18,6 +19,19 @@ import mpreqrep
 
 # Every timeout in the tests is a multiple of this; raise it on slow machines.
 UNIT = float(os.environ.get("MPREQREP_TEST_TIMEOUT_UNIT", "1.0"))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Let Ctrl-C be Ctrl-C, even in a run started in the background.
+
+    A non-interactive shell starts a background job with SIGINT ignored, and
+    Python then keeps it ignored, in this process and in every child it
+    starts: the Ctrl-C tests (here and in subprocesses) would wait for an
+    interrupt that never comes. Python's own handler is put in place instead;
+    on exec a child gets the default action back, so it installs its own.
+    """
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.01) -> bool:
