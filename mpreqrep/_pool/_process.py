@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import psutil
@@ -48,32 +49,39 @@ class CpuSampler:
     millisecond apart divide a tick of CPU time by a millisecond (10,312 % was
     seen on 2 CPUs). Here one measurement is taken at most every
     :data:`CPU_SAMPLE_INTERVAL_S`, over at least that window, whoever asks and
-    however often. Thread-safe.
+    however often. Thread-safe. The clock is read under the lock, next to psutil's
+    own reading: a time taken before waiting for the lock could be stale and let a
+    later reader measure over a window much shorter than the interval.
 
     Args:
         process: the process to measure.
-        now: the monotonic time the first window starts.
         interval_s: the shortest window.
+        clock: monotonic seconds (tests pass a fake one).
     """
 
     def __init__(
-        self, process: psutil.Process, now: float, interval_s: float = CPU_SAMPLE_INTERVAL_S
+        self,
+        process: psutil.Process,
+        interval_s: float = CPU_SAMPLE_INTERVAL_S,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._process = process
         self._interval_s = interval_s
+        self._clock = clock
         self._lock = threading.Lock()
-        self._sampled_at = now
         self._percent = 0.0
         with contextlib.suppress(psutil.NoSuchProcess):
             process.cpu_percent(interval=None)  # starts the first window
+        self._sampled_at = clock()
 
-    def read(self, now: float) -> float:
+    def read(self) -> float:
         """The CPU use in percent of one CPU over the last finished window (0.0 before one).
 
         Raises:
             psutil.NoSuchProcess: the process is gone.
         """
         with self._lock:
+            now = self._clock()
             if now - self._sampled_at >= self._interval_s:
                 self._percent = float(self._process.cpu_percent(interval=None))
                 self._sampled_at = now
@@ -122,7 +130,7 @@ class WorkerProcess:
         except psutil.NoSuchProcess:  # died already; its sentinel says so next
             self._psutil = None
         else:
-            self._cpu = CpuSampler(self._psutil, now)
+            self._cpu = CpuSampler(self._psutil)
 
     @property
     def ready(self) -> bool:
@@ -150,7 +158,7 @@ class WorkerProcess:
         try:
             with process.oneshot():
                 rss = int(process.memory_info().rss)
-                cpu_percent = self._cpu.read(time.monotonic())
+                cpu_percent = self._cpu.read()
         except psutil.NoSuchProcess:
             return None
         return {"pid": self.pid, "rss": rss, "cpu_percent": cpu_percent, "served": served}
