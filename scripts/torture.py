@@ -57,7 +57,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 import psutil
 
@@ -617,7 +617,37 @@ def decode(data: bytes) -> str:
 # -- chaos: workers killed under load ------------------------------------------------------
 
 
-class WorkerKiller:
+PeriodicT = TypeVar("PeriodicT", bound="Periodic")
+
+
+class Periodic:
+    """A daemon thread that calls :meth:`_tick` every :meth:`_interval_s` while a
+    ``with`` block runs; it is stopped and joined when the block ends."""
+
+    def __init__(self, name: str) -> None:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def __enter__(self: PeriodicT) -> PeriodicT:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _interval_s(self) -> float:
+        raise NotImplementedError
+
+    def _tick(self) -> None:
+        raise NotImplementedError
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval_s()):
+            self._tick()
+
+
+class WorkerKiller(Periodic):
     """SIGKILLs one of the server's worker processes, by pid, every few hundred ms.
 
     Only processes that are children of the server *and* have served a reply
@@ -626,13 +656,12 @@ class WorkerKiller:
     """
 
     def __init__(self, server: ServerProcess, every_s: tuple[float, float], seed: int) -> None:
+        super().__init__("torture-killer")
         self._server = server
         self._every_s = every_s
         self._rng = random.Random(seed)
         self._served_by: set[int] = set()
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="torture-killer", daemon=True)
         self.kill_times: list[float] = []
 
     def note(self, outcome: Outcome) -> None:
@@ -642,19 +671,10 @@ class WorkerKiller:
             with self._lock:
                 self._served_by.add(pid)
 
-    def __enter__(self) -> WorkerKiller:
-        self._thread.start()
-        return self
+    def _interval_s(self) -> float:
+        return self._rng.uniform(*self._every_s)
 
-    def __exit__(self, *exc_info: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _run(self) -> None:
-        while not self._stop.wait(self._rng.uniform(*self._every_s)):
-            self._kill_one()
-
-    def _kill_one(self) -> None:
+    def _tick(self) -> None:
         """Kill one worker that has served, if there is one now."""
         with self._lock:
             served_by = set(self._served_by)
@@ -1451,27 +1471,20 @@ def ends_with_reset(sock: socket.socket, unit: float) -> bool:
     return False
 
 
-class PeakRss:
+class PeakRss(Periodic):
     """Samples a process's RSS in a thread until the block ends; keeps the largest."""
 
     def __init__(self, process: psutil.Process) -> None:
+        super().__init__("torture-rss")
         self._process = process
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="torture-rss", daemon=True)
         self.peak = 0
 
-    def __enter__(self) -> PeakRss:
-        self._thread.start()
-        return self
+    def _interval_s(self) -> float:
+        return POLL_INTERVAL_S
 
-    def __exit__(self, *exc_info: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _run(self) -> None:
-        while not self._stop.wait(POLL_INTERVAL_S):
-            with contextlib.suppress(psutil.NoSuchProcess):
-                self.peak = max(self.peak, self._process.memory_info().rss)
+    def _tick(self) -> None:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            self.peak = max(self.peak, self._process.memory_info().rss)
 
 
 def noread(mode: str, scale: Scale) -> Result:
