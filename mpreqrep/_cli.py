@@ -5,17 +5,17 @@ Uses only the public API. Owns argument parsing, importing the user's
 nothing of sockets, framing or pools. Bad input becomes one line on stderr
 and a non-zero exit code, never a traceback.
 
-``serve`` runs the server in a thread and waits in the main thread, where
-signal handlers run::
+``serve`` starts the server from a runner thread and waits in the main thread,
+asleep in select() (see :mod:`mpreqrep._signals`) until something happens::
 
-    SIGINT / SIGTERM ─(handler)─▶ events ◀─ runner thread: server.run() returned
-                                    │
-    main thread: events.get(timeout=stats interval) ─▶ on timeout: one stats line
-        1st signal ─▶ server.stop(); join the runner (drains) ─▶ exit 0
-        2nd signal (in the handler) ─▶ terminate pool workers, exit 128 + signum
-
-The events queue is a :class:`queue.SimpleQueue`, whose ``put`` may be called
-from a signal handler without deadlocking.
+    signals ─(wake-up fd)─▶ socketpair ◀─ notify() ─ runner: server.run() returned
+                               │
+    main thread: SignalWaiter.wait(until the next stats line is due)
+        timeout ─▶ one stats line
+        SIGHUP/SIGTTIN/SIGTTOU ─▶ operate()
+        SIGINT/SIGTERM ─▶ server.stop(); wait for the end (drains) ─▶ exit 0
+        the server ended by itself ─▶ exit 0, or 1 if it failed
+        2nd SIGINT/SIGTERM (in the Python handler) ─▶ terminate workers, exit 128 + signum
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ import argparse
 import contextlib
 import importlib
 import logging
+import math
 import multiprocessing
 import os
-import queue
 import re
 import signal
 import sys
@@ -35,7 +35,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Executor
 from decimal import Decimal
-from types import FrameType, ModuleType
+from types import ModuleType
 from typing import Any, NoReturn
 
 from . import (
@@ -47,6 +47,7 @@ from . import (
     split_address,
 )
 from ._channel import remove_socket_directories
+from ._signals import OPERATION_SIGNALS, SHUTDOWN_SIGNALS, SignalWaiter
 
 logger = logging.getLogger("mpreqrep")
 
@@ -66,12 +67,8 @@ EXIT_SIGNAL_BASE = 128
 
 SIZE_MULTIPLIERS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
 _SIZE_PATTERN = re.compile(r"(\d+(?:\.\d*)?)\s*([KMGT]?)(?:I?B)?", re.IGNORECASE)
-_SHUTDOWN_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-_OPERATION_SIGNALS = (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU)
 DEFAULT_GRACEFUL_TIMEOUT_S = 30.0
 EXIT_MARGIN_S = 2.0
-SIGNAL_POLL_S = 0.1
-"""How often the main thread wakes so that signals delivered to other threads are handled."""
 """Seconds past the graceful timeout after which ``serve`` exits even if the server
 has not stopped (a thread-mode handler cannot be killed)."""
 
@@ -370,19 +367,40 @@ def _request(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    """Import the server class, bind, announce the address, and serve until a signal."""
+    """Import the server class, bind, announce the address, and serve until a signal.
+
+    The signals are handled from before the address is announced, so an
+    operator may signal as soon as that line is out.
+    """
     logging.basicConfig(level=args.log_level, format=LOG_FORMAT)
     server_class = load_server_class(args.target)
-    with _executor_for(args) as executor:
+    signals = SignalWaiter((*SHUTDOWN_SIGNALS, *OPERATION_SIGNALS), _exit_on_second_shutdown())
+    with signals, _executor_for(args) as executor:
         server = _create_server(server_class, args, executor)
         print(f"{PROG}: serving {args.target} at {server.address}", flush=True)
         with _metrics_endpoint(server, args.metrics):
             supervisor = _Supervisor(
                 server,
+                signals,
                 stats_interval_s=args.stats_interval,
                 graceful_timeout_s=args.graceful_timeout or DEFAULT_GRACEFUL_TIMEOUT_S,
             )
             return supervisor.serve_until_stopped()
+
+
+def _exit_on_second_shutdown() -> Callable[[int], None]:
+    """A signal callback that exits at once on the second SIGINT or SIGTERM (the
+    first one drains). It runs in the Python handler, so even while the main
+    thread is busy elsewhere."""
+    seen: list[int] = []
+
+    def on_signal(signum: int) -> None:
+        if signum in SHUTDOWN_SIGNALS:
+            if seen:
+                _exit_now(signum)
+            seen.append(signum)
+
+    return on_signal
 
 
 @contextlib.contextmanager
@@ -491,29 +509,36 @@ def _one_line(exc: BaseException) -> str:
 
 
 class _Supervisor:
-    """Serves in a runner thread; turns signals into a drain or a forced exit.
+    """Serves in a runner thread; turns signals into operations, a drain or a forced exit.
+
+    The main thread sleeps in :meth:`SignalWaiter.wait` until a signal comes,
+    the runner reports that the server ended, or a stats line is due.
 
     Args:
         server: a bound server that has not been started.
+        signals: the entered waiter of the shutdown and operation signals.
         stats_interval_s: seconds between stats lines; ``None`` for none.
+        graceful_timeout_s: how long stopping may take before ``serve`` gives
+            up (plus :data:`EXIT_MARGIN_S`).
     """
 
     def __init__(
         self,
         server: RequestServer,
+        signals: SignalWaiter,
         *,
         stats_interval_s: float | None,
         graceful_timeout_s: float = DEFAULT_GRACEFUL_TIMEOUT_S,
     ) -> None:
         self._server = server
+        self._signals = signals
         self._stats_interval_s = stats_interval_s
         self._graceful_timeout_s = graceful_timeout_s
-        self._events: queue.SimpleQueue[int | None] = queue.SimpleQueue()
-        self._signalled = False
+        self._ended = threading.Event()
         self._failure: Exception | None = None
 
     def serve_until_stopped(self) -> int:
-        """Serve until a signal or a server failure, then drain.
+        """Serve until a shutdown signal or the server's own end, then drain.
 
         Returns:
             ``EXIT_OK`` once the server has stopped and drained.
@@ -522,16 +547,16 @@ class _Supervisor:
             CliError: the server failed (``EXIT_ERROR``).
         """
         runner = threading.Thread(target=self._run_server, name="mpreqrep-cli-server")
-        with _signal_handlers(self._on_signal), _operation_signals(self._events.put):
-            runner.start()
-            signum = self._wait_for_event()
-            if signum is not None:
-                logger.info(
-                    "received %s: draining in-flight requests (again to exit at once)",
-                    signal.Signals(signum).name,
-                )
-            self._server.stop()
-            self._join_within_graceful_timeout(runner)
+        runner.start()
+        signum = self._wait_for_shutdown()
+        if signum is not None:
+            logger.info(
+                "received %s: draining in-flight requests (again to exit at once)",
+                signal.Signals(signum).name,
+            )
+        self._server.stop()
+        self._wait_for_end()
+        runner.join()
         if self._failure is not None:
             raise CliError(f"server failed: {_one_line(self._failure)}{TRACEBACK_HINT}", EXIT_ERROR)
         return EXIT_OK
@@ -544,72 +569,58 @@ class _Supervisor:
             logger.debug("the server failed", exc_info=True)
             self._failure = exc
         finally:
-            self._events.put(None)
+            self._ended.set()
+            self._signals.notify()
 
-    def _wait_for_event(self) -> int | None:
-        """Wait for a signal number, or ``None`` when the server ended; log stats meanwhile.
+    def _wait_for_shutdown(self) -> int | None:
+        """Carry out operation signals and log stats until a shutdown signal (its
+        number is returned) or the server's own end (``None``)."""
+        stats_due = _Schedule(self._stats_interval_s)
+        while not self._ended.is_set():
+            for signum in self._signals.wait(stats_due.seconds_left()):
+                if signum in SHUTDOWN_SIGNALS:
+                    return signum
+                operate(self._server, signum)
+            if stats_due.take():
+                logger.info("stats %s", format_stats(self._server.stats()))
+        return None
 
-        The wait wakes every :data:`SIGNAL_POLL_S`: Python runs signal handlers in
-        the main thread only, and a signal that the kernel delivers to another
-        thread (the I/O loop's, say) does not interrupt this one's wait.
-        """
-        interval_s = self._stats_interval_s
-        stats_due = None if interval_s is None else time.monotonic() + interval_s
-        while True:
-            try:
-                event = self._events.get(timeout=SIGNAL_POLL_S)
-            except queue.Empty:
-                if stats_due is not None and interval_s and time.monotonic() >= stats_due:
-                    logger.info("stats %s", format_stats(self._server.stats()))
-                    stats_due = time.monotonic() + interval_s
-                continue
-            if event not in _OPERATION_SIGNALS:
-                return event
-            operate(self._server, event)
-
-    def _join_within_graceful_timeout(self, runner: threading.Thread) -> None:
+    def _wait_for_end(self) -> None:
         """Wait for the server to stop; past the graceful timeout (and a margin), exit now.
 
-        Joins in steps of :data:`SIGNAL_POLL_S`, so a second signal is handled at once.
+        A second shutdown signal exits at once (see :func:`_exit_on_second_shutdown`);
+        operation signals are ignored now.
         """
         deadline = time.monotonic() + self._graceful_timeout_s + EXIT_MARGIN_S
-        while runner.is_alive() and time.monotonic() < deadline:
-            runner.join(SIGNAL_POLL_S)
-        if runner.is_alive():
-            logger.error("the server did not stop within the graceful timeout; exiting now")
-            _hard_exit(EXIT_ERROR)
-
-    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
-        """Signal handler: the first signal asks for a drain, the second exits now."""
-        if self._signalled:
-            _exit_now(signum)
-        self._signalled = True
-        self._events.put(signum)
+        while not self._ended.is_set():
+            left_s = deadline - time.monotonic()
+            if left_s <= 0:
+                logger.error("the server did not stop within the graceful timeout; exiting now")
+                _hard_exit(EXIT_ERROR)
+            for signum in self._signals.wait(left_s):
+                if signum in OPERATION_SIGNALS:
+                    name = signal.Signals(signum).name
+                    logger.warning("%s ignored: the server is stopping", name)
 
 
-@contextlib.contextmanager
-def _signal_handlers(handler: Callable[[int, FrameType | None], None]) -> Iterator[None]:
-    """Install ``handler`` for SIGINT and SIGTERM; restore the previous handlers after."""
-    previous = {signum: signal.signal(signum, handler) for signum in _SHUTDOWN_SIGNALS}
-    try:
-        yield
-    finally:
-        for signum, old_handler in previous.items():
-            signal.signal(signum, old_handler)
+class _Schedule:
+    """When the next periodic action is due; ``interval_s=None``: never."""
 
+    def __init__(self, interval_s: float | None) -> None:
+        self._interval_s = math.inf if interval_s is None else interval_s
+        self._due = time.monotonic() + self._interval_s
 
-@contextlib.contextmanager
-def _operation_signals(put: Callable[[int], None]) -> Iterator[None]:
-    """Queue SIGHUP, SIGTTIN and SIGTTOU for the main thread; restore the handlers after."""
-    previous = {
-        signum: signal.signal(signum, lambda signum, frame: put(signum))
-        for signum in _OPERATION_SIGNALS
-    }
-    try:
-        yield
-    finally:
-        for signum, old_handler in previous.items():
-            signal.signal(signum, old_handler)
+    def seconds_left(self) -> float | None:
+        """Seconds until it is due (0 or less: now); ``None`` if never."""
+        return None if math.isinf(self._due) else self._due - time.monotonic()
+
+    def take(self) -> bool:
+        """Whether it is due; if so, the next one is an interval from now."""
+        now = time.monotonic()
+        if now < self._due:
+            return False
+        self._due = now + self._interval_s
+        return True
 
 
 def operate(server: RequestServer, signum: int) -> None:

@@ -549,6 +549,8 @@ def test_signal_drains_in_flight_requests_and_exits_0(
     child.record_descendants()
     child.send(signum)
     child.wait_for_stderr("draining")
+    child.send(signal.SIGTTIN)
+    child.wait_for_stderr("SIGTTIN ignored: the server is stopping")
     assert child.process.poll() is None and not replies  # held: still in flight
     (tmp_path / "first.release").touch()
     assert child.wait() == 0
