@@ -8,11 +8,11 @@ and a non-zero exit code, never a traceback.
 ``serve`` starts the server from a runner thread and waits in the main thread,
 asleep in select() (see :mod:`mpreqrep._signals`) until something happens::
 
-    signals ─(wake-up fd)─▶ socketpair ◀─ notify() ─ runner: server.run() returned
-                               │
+    signals ─(wake-up fd)─▶ socketpair ◀─ notify() ─ runner: server.start() returned
+                               │                     (serving), server ended
     main thread: SignalWaiter.wait(until the next stats line is due)
         timeout ─▶ one stats line
-        SIGHUP/SIGTTIN/SIGTTOU ─▶ operate()
+        SIGHUP/SIGTTIN/SIGTTOU ─▶ operate(); queued until the server serves
         SIGINT/SIGTERM ─▶ server.stop(); wait for the end (drains) ─▶ exit 0
         the server ended by itself ─▶ exit 0, or 1 if it failed
         2nd SIGINT/SIGTERM (in the Python handler) ─▶ terminate workers, exit 128 + signum
@@ -512,7 +512,7 @@ class _Supervisor:
     """Serves in a runner thread; turns signals into operations, a drain or a forced exit.
 
     The main thread sleeps in :meth:`SignalWaiter.wait` until a signal comes,
-    the runner reports that the server ended, or a stats line is due.
+    the runner reports that the server serves or ended, or a stats line is due.
 
     Args:
         server: a bound server that has not been started.
@@ -534,6 +534,7 @@ class _Supervisor:
         self._signals = signals
         self._stats_interval_s = stats_interval_s
         self._graceful_timeout_s = graceful_timeout_s
+        self._serving = threading.Event()
         self._ended = threading.Event()
         self._failure: Exception | None = None
 
@@ -562,9 +563,13 @@ class _Supervisor:
         return EXIT_OK
 
     def _run_server(self) -> None:
-        """The runner thread: serve, record a failure, and report the end."""
+        """The runner thread: start the server (the pool boots here), report that it
+        serves, wait for its end and report that too."""
         try:
-            self._server.run()
+            self._server.start()
+            self._serving.set()
+            self._signals.notify()
+            self._server.join()
         except Exception as exc:
             logger.debug("the server failed", exc_info=True)
             self._failure = exc
@@ -574,14 +579,25 @@ class _Supervisor:
 
     def _wait_for_shutdown(self) -> int | None:
         """Carry out operation signals and log stats until a shutdown signal (its
-        number is returned) or the server's own end (``None``)."""
+        number is returned) or the server's own end (``None``).
+
+        Operation signals that come while the server starts (its workers boot)
+        are queued, and carried out once it serves, as gunicorn's arbiter does.
+        """
         stats_due = _Schedule(self._stats_interval_s)
+        queued: list[int] = []
         while not self._ended.is_set():
             for signum in self._signals.wait(stats_due.seconds_left()):
                 if signum in SHUTDOWN_SIGNALS:
                     return signum
-                operate(self._server, signum)
-            if stats_due.take():
+                queued.append(signum)
+                if not self._serving.is_set():
+                    logger.info("%s: queued until the server serves", signal.Signals(signum).name)
+            if self._serving.is_set():
+                for signum in _without_repeated_hups(queued):
+                    operate(self._server, signum)
+                queued.clear()
+            if stats_due.take() and self._serving.is_set():
                 logger.info("stats %s", format_stats(self._server.stats()))
         return None
 
@@ -623,6 +639,16 @@ class _Schedule:
         return True
 
 
+def _without_repeated_hups(signals: list[int]) -> list[int]:
+    """``signals`` without the SIGHUPs after the first: one rolling restart loads
+    the code as it is now, however many SIGHUPs came together."""
+    kept: list[int] = []
+    for signum in signals:
+        if signum != signal.SIGHUP or signal.SIGHUP not in kept:
+            kept.append(signum)
+    return kept
+
+
 def operate(server: RequestServer, signum: int) -> None:
     """Carry out an operation signal, as gunicorn's arbiter does: SIGHUP replaces
     every worker (one at a time), SIGTTIN adds one, SIGTTOU removes one (it drains
@@ -630,9 +656,7 @@ def operate(server: RequestServer, signum: int) -> None:
     name = signal.Signals(signum).name
     stats = server.stats()
     workers = stats.get("workers_wanted")
-    if not stats:
-        logger.warning("%s ignored: the server is not serving yet", name)
-    elif workers is None:
+    if workers is None:
         logger.warning("%s ignored: only process mode (--workers) has workers to manage", name)
     elif signum == signal.SIGHUP:
         logger.info("SIGHUP: replacing the %d workers one at a time", workers)

@@ -36,6 +36,63 @@ class VersionServer(mpreqrep.RequestServer):
 """
 
 
+# Each worker's copy of the server waits for a release file while it loads, so the
+# workers are still starting for as long as the test wants.
+SLOW_BOOT_MODULE = """
+import os
+import pathlib
+import time
+
+import mpreqrep
+
+
+class SlowBootServer(mpreqrep.RequestServer):
+    def __init__(self, address, *args, **kwargs):
+        super().__init__(address, *args, **kwargs)
+        self.folder = os.getcwd()
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        folder = pathlib.Path(self.folder)
+        (folder / f"booting-{os.getpid()}").touch()
+        deadline = time.monotonic() + 50
+        while not (folder / "release").exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    def handle_request(self, request):
+        return str(os.getpid())
+"""
+
+
+def start_booting(serve_cli: list[ServeProcess], tmp_path: Path, *options: str) -> ServeProcess:
+    """``serve`` SlowBootServer with ``options``, returned once its first worker is
+    loading (the server is not serving yet, and holds there until ``release``)."""
+    (tmp_path / "slow_boot.py").write_text(SLOW_BOOT_MODULE)
+    child = start(serve_cli, "slow_boot:SlowBootServer", *options, cwd=tmp_path)
+    assert wait_until(lambda: booted_pids(tmp_path), 60 * UNIT)
+    return child
+
+
+def booted_pids(folder: Path) -> set[str]:
+    return {path.name.removeprefix("booting-") for path in folder.glob("booting-*")}
+
+
+def send_and_wait_until_queued(child: ServeProcess, signum: int) -> None:
+    """Send ``signum`` once the previous one was seen: the kernel merges a signal
+    sent while the same one is still pending."""
+    queued = "".join(child.stderr).count("queued until")
+    child.send(signum)
+    assert wait_until(lambda: "".join(child.stderr).count("queued until") > queued, 30 * UNIT)
+
+
+def latest_stats(child: ServeProcess) -> dict[str, str]:
+    """The figures of the last stats line ``serve`` logged."""
+    lines = [line for line in child.stderr if " stats " in line]
+    if not lines:
+        return {}
+    return dict(pair.split("=", 1) for pair in lines[-1].split(" stats ", 1)[1].split())
+
+
 def read_metrics_url(child: ServeProcess) -> str:
     line = child.stdout.get(timeout=60 * UNIT)
     match = re.fullmatch(r"mpreqrep: metrics at (\S+)\n", line)
@@ -160,7 +217,7 @@ def test_operation_signals_outside_process_mode_are_ignored(
 def test_sigttou_keeps_the_last_worker(serve_cli: list[ServeProcess]) -> None:
     child = start(serve_cli, "tests.ops_handlers:OpsServer", "--workers", "1")
     address = child.read_address()
-    child.wait_for_stderr("serving at")  # signals before that are ignored (logged)
+    child.wait_for_stderr("serving at")
     child.send(signal.SIGTTOU)
     child.wait_for_stderr("the last worker stays")
     assert mpreqrep.do_request(address, "pid", timeout=30 * UNIT)
@@ -173,3 +230,59 @@ def test_bad_operation_options_are_one_line_errors(serve_cli: list[ServeProcess]
         child = start(serve_cli, "workers.echo:EchoServer", option, value)
         assert child.wait() == 2
         assert textwrap.dedent("".join(child.stderr)).count("\n") == 1, child.stderr
+
+
+# -- operation signals while the workers start ----------------------------------------
+
+
+def test_ttin_and_ttou_while_the_workers_start_take_effect_in_order_once_serving(
+    tmp_path: Path, serve_cli: list[ServeProcess]
+) -> None:
+    child = start_booting(serve_cli, tmp_path, "--workers", "1", "--stats-interval", "0.1")
+    # In order: 1 -> 2 -> 3 -> 2 (the TTOU first would leave the last worker, then 3).
+    for signum in (signal.SIGTTIN, signal.SIGTTIN, signal.SIGTTOU):
+        send_and_wait_until_queued(child, signum)
+    assert not any("workers ->" in line for line in child.stderr)  # nothing done yet
+    (tmp_path / "release").touch()
+    address = child.read_address()
+    child.wait_for_stderr("SIGTTOU: 3 workers -> 2")
+    log = "".join(child.stderr)
+    assert log.index("SIGTTIN: 1 workers -> 2") < log.index("SIGTTIN: 2 workers -> 3")
+    assert wait_until(lambda: latest_stats(child).get("workers_alive") == "2", 30 * UNIT)
+    assert latest_stats(child)["workers_wanted"] == "2"
+    assert mpreqrep.do_request(address, "x", timeout=30 * UNIT).strip() in booted_pids(tmp_path)  # type: ignore[union-attr]
+    child.send(signal.SIGTERM)
+    assert child.wait() == 0
+
+
+def test_sighups_while_the_workers_start_make_one_restart_once_serving(
+    tmp_path: Path, serve_cli: list[ServeProcess]
+) -> None:
+    """The code may have changed after the first worker imported it: a SIGHUP that
+    came while it started still loads the code afresh, once, however many came."""
+    child = start_booting(serve_cli, tmp_path, "--workers", "1")
+    (first,) = booted_pids(tmp_path)
+    send_and_wait_until_queued(child, signal.SIGHUP)
+    send_and_wait_until_queued(child, signal.SIGHUP)
+    (tmp_path / "release").touch()
+    address = child.read_address()
+
+    def replaced() -> bool:
+        reply = mpreqrep.do_request(address, "x", timeout=30 * UNIT)
+        return bool(reply) and reply.strip() != first  # type: ignore[union-attr]
+
+    assert wait_until(replaced, 60 * UNIT)
+    assert "".join(child.stderr).count("SIGHUP: replacing the 1 workers") == 1
+    child.send(signal.SIGTERM)
+    assert child.wait() == 0
+    assert len(booted_pids(tmp_path)) == 2  # the first worker and its one replacement
+
+
+def test_sigterm_while_the_workers_start_stops_once_they_started(
+    tmp_path: Path, serve_cli: list[ServeProcess]
+) -> None:
+    child = start_booting(serve_cli, tmp_path, "--workers", "1")
+    child.send(signal.SIGTERM)
+    child.wait_for_stderr("received SIGTERM: draining")
+    (tmp_path / "release").touch()
+    assert child.wait() == 0
