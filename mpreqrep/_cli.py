@@ -560,6 +560,8 @@ class _Supervisor:
         runner.join()
         if self._failure is not None:
             raise CliError(f"server failed: {_one_line(self._failure)}{TRACEBACK_HINT}", EXIT_ERROR)
+        if self._server.failure is not None:  # it stopped by itself: serving could not go on
+            raise CliError(f"server stopped: {_one_line(self._server.failure)}", EXIT_ERROR)
         return EXIT_OK
 
     def _run_server(self) -> None:

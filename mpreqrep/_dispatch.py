@@ -52,6 +52,10 @@ class LoopHooks(Protocol):
         """Stop watching ``fileobj``; harmless if it is not watched (I/O thread only)."""
 
 
+FailureCallback = Callable[[BaseException], None]
+"""Called by a dispatcher that cannot serve any more, with the reason (any thread)."""
+
+
 def run_handler(handler: Handler, request: str) -> str:
     """Call ``handler.handle_request`` and check that it returned a ``str``.
 
@@ -98,6 +102,10 @@ class Dispatcher(abc.ABC):
     def attach(self, loop: LoopHooks) -> None:  # noqa: B027 - most dispatchers need no loop
         """Called by the I/O loop as it starts serving: a dispatcher may then
         read its replies on the I/O thread, saving a thread hop per request."""
+
+    def on_failure(self, callback: FailureCallback) -> None:  # noqa: B027 - most never fail
+        """Register ``callback``, called (from any thread) if the dispatcher can serve
+        no more; the server then stops with that error. By default, never called."""
 
     @abc.abstractmethod
     def submit(self, request: str) -> Future[str]:

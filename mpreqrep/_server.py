@@ -96,6 +96,7 @@ class _Runtime:
         self.loop: IOLoop | None = None
         self.dispatcher: Dispatcher | None = None
         self.stop_requested = False
+        self.failure: BaseException | None = None
         self.claimed = False  # start() or run() was called: a server serves once
         self.claim_lock = threading.Lock()
 
@@ -162,7 +163,9 @@ class RequestServer(threading.Thread):
 
     Life cycle: as a ``threading.Thread``, a server serves once: a second
     :meth:`start` or :meth:`run` raises ``RuntimeError``. :meth:`stop`
-    before serving makes serving end at once.
+    before serving makes serving end at once. A server also stops by
+    itself if serving cannot continue (process mode: the pool's supervision
+    ended or kept failing); :attr:`failure` then says why.
 
     Thread safety: :meth:`stop` and :meth:`stats` may be called from any
     thread. ``handle_request`` calls never overlap in sync thread mode; in
@@ -214,6 +217,17 @@ class RequestServer(threading.Thread):
         self.address: str = format_address(host, self.port)
         self.name = f"mpreqrep-server-{self.port}"
         self._runtime: _Runtime | None = _Runtime(listener, executor)
+
+    @property
+    def failure(self) -> BaseException | None:
+        """The error that stopped the server by itself, ``None`` otherwise.
+
+        Set when serving cannot continue (process mode: the pool's
+        supervision ended, or failed in every pass for 10 s); every request
+        in flight then got no reply and the server stops as after
+        :meth:`stop`. Read-only; any thread. A worker's copy has none.
+        """
+        return None if self._runtime is None else self._runtime.failure
 
     # -- the handler --------------------------------------------------------------------
 
@@ -392,6 +406,7 @@ class RequestServer(threading.Thread):
         """Build and start the dispatcher, then the I/O loop that feeds it."""
         options = self._options
         dispatcher = _make_dispatcher(self, options, runtime.executor)
+        dispatcher.on_failure(self._stop_with_failure)
         dispatcher.start()
         runtime.dispatcher = dispatcher
         runtime.loop = IOLoop(
@@ -407,6 +422,13 @@ class RequestServer(threading.Thread):
         if runtime.stop_requested:
             runtime.loop.request_stop()
             _begin_stop(dispatcher)
+
+    def _stop_with_failure(self, failure: BaseException) -> None:
+        """The dispatcher cannot serve any more: remember why and stop (any thread)."""
+        runtime = self._require_runtime()
+        runtime.failure = runtime.failure or failure
+        logger.error("the server at %s stops: %s", self.address, failure)
+        self.stop()
 
     @contextlib.contextmanager
     def _ctrl_c_stops(self) -> Iterator[None]:

@@ -26,11 +26,18 @@ Data crossing threads and processes::
 """
 
 from ._dispatcher import ProcessPoolDispatcher
-from ._errors import HandlerTimeoutError, PoolStartError, WorkerCrashError, WorkerStartError
+from ._errors import (
+    HandlerTimeoutError,
+    PoolFailedError,
+    PoolStartError,
+    WorkerCrashError,
+    WorkerStartError,
+)
 from ._options import resolve_worker_count
 
 __all__ = [
     "HandlerTimeoutError",
+    "PoolFailedError",
     "PoolStartError",
     "ProcessPoolDispatcher",
     "WorkerCrashError",

@@ -36,8 +36,8 @@ from typing import Any
 from loky.backend.reduction import dumps as loky_dumps
 
 from .._channel import Channel
-from .._dispatch import Dispatcher, Handler, LoopHooks
-from ._errors import PoolStartError
+from .._dispatch import Dispatcher, FailureCallback, Handler, LoopHooks
+from ._errors import PoolFailedError, PoolStartError
 from ._options import check_options, check_recycling
 from ._process import WorkerProcess
 from ._requests import Requests
@@ -123,6 +123,7 @@ class ProcessPoolDispatcher(Dispatcher):
         self._links: dict[int, _Link] = {}  # supervisor thread only
         self._host: LoopHooks = self._supervisor
         self._started = False
+        self._on_failure: FailureCallback | None = None
 
     # -- the Dispatcher interface -----------------------------------------------------------
 
@@ -143,6 +144,11 @@ class ProcessPoolDispatcher(Dispatcher):
     def attach(self, loop: LoopHooks) -> None:
         """Read the workers' replies on the I/O thread from now on."""
         self._supervisor.attach(loop)
+
+    def on_failure(self, callback: FailureCallback) -> None:
+        """Call ``callback`` (on the supervisor thread) with a :class:`PoolFailedError`
+        if supervision cannot continue; every request has failed by then."""
+        self._on_failure = callback
 
     def submit(self, request: str) -> Future[str]:
         """Send one request to a worker with room, or queue it; never blocks.
@@ -274,6 +280,12 @@ class ProcessPoolDispatcher(Dispatcher):
     def flush(self, channel: Channel) -> bool:
         """Write a channel's unsent bytes; whether some still wait."""
         return self._requests.flush(channel)
+
+    def fail(self, failure: PoolFailedError) -> None:
+        """Supervision cannot continue: fail every request, refuse new ones, tell the server."""
+        self._requests.abandon(f"the process pool cannot continue: {failure}")
+        if self._on_failure is not None:
+            self._on_failure(failure)
 
     # -- the host's side (the thread that reads a channel) ------------------------------------
 

@@ -15,6 +15,15 @@ class PoolStartError(RuntimeError):
     """
 
 
+class PoolFailedError(RuntimeError):
+    """The process pool cannot continue: its supervision ended or kept failing.
+
+    Every request it held fails, the server stops by itself and reports this
+    error as :attr:`~mpreqrep.RequestServer.failure`; ``__cause__`` is the error
+    that ended supervision.
+    """
+
+
 class WorkerCrashError(RuntimeError):
     """The worker process running the request died (or was killed) meanwhile."""
 

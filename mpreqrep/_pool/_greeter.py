@@ -6,16 +6,22 @@ could not). Each first frame is the pool's token and a message; nothing is
 unpickled from a peer that does not know the token. Runs on the
 supervisor's :class:`~._loop.SelectLoop`; knows nothing of the workers
 beyond the pid a message names.
+
+The listener is a Unix socket in a temporary directory, which a temp
+cleaner (or an operator) may remove while the pool runs: no new worker
+could connect again. :meth:`Greeter.listener_lost` notices (its file is
+gone or is another one), and :meth:`Greeter.replace_listener` heals it.
 """
 
 from __future__ import annotations
 
 import functools
 import hmac
+import os
 import pickle
 from collections.abc import Callable
 
-from .._channel import Channel, Listener
+from .._channel import Address, Channel, Listener
 from .._worker import Hello, InitFailed, Lifeline
 from ._loop import SelectLoop
 
@@ -54,7 +60,32 @@ class Greeter:
         self._token = token
         self._introduced = introduced
         self._waiting: set[Channel] = set()
+        self._identity = _identity(listener.address)
         loop.watch(listener.sock, self._accept)
+
+    @property
+    def address(self) -> Address:
+        """Where workers connect."""
+        return self._listener.address
+
+    def listener_lost(self) -> bool:
+        """Whether the listener's socket file is gone or replaced: nobody can connect."""
+        if self._identity is None:  # loopback TCP: nothing in the file system
+            return False
+        try:
+            return _identity(self._listener.address) != self._identity
+        except OSError:
+            return True
+
+    def replace_listener(self, listener: Listener) -> None:
+        """Listen on ``listener`` from now on; close the old one, after taking what
+        connected to it already. Connections not introduced yet stay."""
+        self._accept(0)
+        self._loop.remove_reader(self._listener.sock)
+        self._listener.close()
+        self._listener = listener
+        self._identity = _identity(listener.address)
+        self._loop.watch(listener.sock, self._accept)
 
     def catch_up(self) -> None:
         """Greet now whatever connections and first frames are already there."""
@@ -87,3 +118,15 @@ class Greeter:
             channel.close()
         else:
             self._introduced(channel, message)
+
+
+def _identity(address: Address) -> tuple[int, int] | None:
+    """The device and inode of a Unix socket's file, ``None`` for a TCP address.
+
+    Raises:
+        OSError: the file is gone.
+    """
+    if not isinstance(address, str):
+        return None
+    status = os.stat(address)
+    return status.st_dev, status.st_ino

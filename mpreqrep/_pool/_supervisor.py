@@ -21,7 +21,16 @@ the dispatcher); the supervisor only tells it when a worker is ready or gone::
 
 Until the I/O loop attaches, the supervisor also hosts the channels (it
 implements the loop's ``call_soon`` / ``add_reader`` / ``remove_reader``).
-An unexpected error in a pass is logged, and supervision goes on.
+
+What can heal goes on: an unexpected error in a pass is logged and the next
+pass runs; failed starts back off and retry; a listener whose socket file
+was removed is replaced before the next spawn. What cannot heal ends the
+pool with a :class:`PoolFailedError` (``pool.fail``: every request fails,
+the server stops and reports it): an exception that escapes the pass
+(``BaseException`` included, say a ``SystemExit`` raised in this thread),
+after which nothing would spawn, reap or time out again; and passes that
+fail every time for :data:`FAILING_PASSES_LIMIT_S` (a broken selector, a
+bug): supervision has then stopped in all but name.
 """
 
 from __future__ import annotations
@@ -39,7 +48,7 @@ from .._channel import Channel, Listener
 from .._dispatch import LoopHooks
 from .._worker import Hello, InitFailed, Lifeline
 from ._backoff import StartBackoff
-from ._errors import PoolStartError
+from ._errors import PoolFailedError, PoolStartError
 from ._greeter import Greeter, Introduction
 from ._loop import SelectLoop
 from ._process import WorkerProcess
@@ -65,6 +74,9 @@ REAP_TIMEOUT_S = 1.0
 
 ERROR_PAUSE_S = 0.1
 """Least wait after an unexpected error in a pass, so a recurring one cannot spin."""
+
+FAILING_PASSES_LIMIT_S = 10.0
+"""How long every pass may fail, none succeeding, before supervision counts as broken."""
 
 RESTART_CAUSES = ("crashed", "timed_out", "recycled", "reloaded", "killed")
 
@@ -107,6 +119,9 @@ class PoolSide(Protocol):
     def rehost(self, host: LoopHooks) -> None:
         """Move the channels to ``host`` (supervisor thread, the old host quiet)."""
 
+    def fail(self, failure: PoolFailedError) -> None:
+        """Supervision cannot continue: fail every request, refuse new ones, tell the server."""
+
     def flush(self, channel: Channel) -> bool:
         """Write a channel's unsent bytes; whether some still wait."""
 
@@ -118,6 +133,10 @@ class Supervisor(SelectLoop):
         pool: the dispatcher side.
         workers: how many processes to keep.
         max_rss: the memory cap handed to each worker, or ``None``.
+
+    Attributes:
+        failure: why supervision ended for good (:class:`PoolFailedError`),
+            ``None`` while it goes on.
 
     Thread safety: :meth:`start` and :meth:`stop` from the server's thread,
     :meth:`call_soon`, :meth:`attach`, :meth:`flush_soon` and :meth:`stats`
@@ -131,7 +150,6 @@ class Supervisor(SelectLoop):
         self._max_rss = max_rss
         self._token = secrets.token_hex(16)
         self._payload = b""
-        self._listener: Listener | None = None
         self._greeter: Greeter | None = None
         self._lock = threading.Lock()  # the table, the counters and the flushes
         self._flushes: set[Channel] = set()
@@ -151,6 +169,8 @@ class Supervisor(SelectLoop):
         self._exiting = False
         self._give_up_at: float | None = None
         self._given_up = False
+        self._failing_since: float | None = None
+        self.failure: PoolFailedError | None = None
 
     # -- control (other threads) ------------------------------------------------------------
 
@@ -162,8 +182,7 @@ class Supervisor(SelectLoop):
                 handler, died or did not start in time.
         """
         self._payload = payload
-        self._listener = Listener()
-        self._greeter = Greeter(self, self._listener, self._token, self._introduced)
+        self._greeter = Greeter(self, Listener(), self._token, self._introduced)
         _live.add(self)
         self._thread = threading.Thread(target=self._run, name="mpreqrep-pool-supervisor")
         self._thread.daemon = True
@@ -262,16 +281,54 @@ class Supervisor(SelectLoop):
     # -- the thread ---------------------------------------------------------------------------
 
     def _run(self) -> None:
-        """Tend the workers until stopping is asked and every worker has ended."""
+        """Tend the workers until stopping is asked and every worker has ended,
+        or until supervision cannot continue."""
         try:
             while not self._finished():
-                try:
-                    self._pass()
-                except Exception:
-                    logger.exception("process pool supervision failed; it goes on")
-                    self._error_at = time.monotonic()
+                self._guarded_pass()
+        except BaseException as exc:  # SystemExit too: this thread is ending
+            self._fail(exc)
         finally:
             self._close()
+
+    def _guarded_pass(self) -> None:
+        """One pass; an error is logged and the next pass runs, unless every pass
+        failed for :data:`FAILING_PASSES_LIMIT_S`.
+
+        Raises:
+            PoolFailedError: passes kept failing.
+        """
+        try:
+            self._pass()
+        except Exception as exc:
+            now = time.monotonic()
+            if self._failing_since is None:
+                self._failing_since = now
+            since = self._failing_since
+            if now - since >= FAILING_PASSES_LIMIT_S:
+                raise PoolFailedError(
+                    f"process pool supervision failed in every pass for {now - since:.1f} s"
+                ) from exc
+            logger.exception("process pool supervision failed; it goes on")
+            self._error_at = now
+        else:
+            self._failing_since = None
+
+    def _fail(self, exc: BaseException) -> None:
+        """Supervision cannot continue: during start(), fail it; later, fail the pool."""
+        failure = exc if isinstance(exc, PoolFailedError) else PoolFailedError(_one_line(exc))
+        if failure is not exc:
+            failure.__cause__ = exc
+        self.failure = failure
+        self._closing = True
+        logger.critical("the process pool cannot continue: %s", failure, exc_info=exc)
+        if self._booting:
+            self._boot_error = PoolStartError(f"the process pool failed to start: {failure}")
+            return
+        try:
+            self._pool.fail(failure)
+        except Exception:
+            logger.exception("failing the requests of a failed process pool failed")
 
     def _finished(self) -> bool:
         """Whether stopping was asked, the channels are closed and every worker ended."""
@@ -330,13 +387,15 @@ class Supervisor(SelectLoop):
 
     def _spawn(self, now: float) -> None:
         """Start one worker process and watch for its end."""
-        assert self._listener is not None, "workers start only after start()"
+        greeter = self._greeter
+        assert greeter is not None, "workers start only after start()"
         if self._exiting or self._given_up:  # the interpreter is exiting, or the pool
             return
+        if greeter.listener_lost():
+            logger.error("the workers' socket %s is gone; listening on a new one", greeter.address)
+            greeter.replace_listener(Listener())
         try:
-            worker = WorkerProcess(
-                self._payload, self._listener.address, self._token, self._max_rss, now
-            )
+            worker = WorkerProcess(self._payload, greeter.address, self._token, self._max_rss, now)
         except Exception as exc:  # e.g. EAGAIN: out of processes
             self._start_failed(f"cannot start a worker process: {type(exc).__name__}: {exc}", now)
             return
@@ -518,6 +577,11 @@ class Supervisor(SelectLoop):
             workers = list(self._table.values())
         for worker in workers:
             worker.kill("killed")
+
+
+def _one_line(exc: BaseException) -> str:
+    """``Type: message`` on one line."""
+    return " ".join(f"{type(exc).__name__}: {exc}".split())
 
 
 @atexit.register
