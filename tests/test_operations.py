@@ -3,7 +3,9 @@ recycling by count, resizing and rolling restarts, with real workers and sockets
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import signal
 import threading
 import time
@@ -164,6 +166,37 @@ def test_max_requests_recycles_workers_without_losing_a_request() -> None:
         stats = server.stats()
         assert stats["restarts_crashed"] == 0 and stats["failed"] == 0
         assert wait_until(lambda: server.stats()["workers_alive"] == 2, 30 * UNIT)
+
+
+def serving_counts(log: str, initial: int) -> list[int]:
+    """How many workers served after each retirement or arrival the supervisor logged."""
+    serving, counts = initial, []
+    for line in log.splitlines():
+        if re.search(r"worker \d+ retires", line):
+            serving -= 1
+        elif re.search(r"worker \d+ is ready", line):
+            serving += 1
+        else:
+            continue
+        counts.append(serving)
+    return counts
+
+
+def test_workers_all_past_the_memory_cap_retire_one_at_a_time(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Memory recycling takes the turnover's path, as max_requests does: with every
+    worker past the cap (1 byte), they rotate, never all retired at once, none lost."""
+    caplog.set_level(logging.INFO, logger="mpreqrep")
+    with running(OpsServer, workers=2, max_worker_memory=1) as server:
+        with load(server.address, clients=4) as clients:
+            assert wait_until(lambda: server.stats()["restarts_recycled"] >= 4, 60 * UNIT)
+        assert clients.failures() == 0
+        assert len(clients.pids()) >= 4  # workers rotated
+        assert server.stats()["restarts_crashed"] == 0
+    counts = serving_counts(caplog.text, initial=2)
+    assert len([line for line in caplog.text.splitlines() if "retires (recycled)" in line]) >= 4
+    assert min(counts) >= 1, counts
 
 
 def test_stopping_while_a_recycled_worker_drains_is_clean(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import random
 import signal
@@ -563,10 +564,10 @@ def test_a_worker_past_its_memory_cap_is_recycled_between_requests(
     dispatcher = make(Commands(), 1, max_rss=150 * megabyte)
     first = outcome(dispatcher.submit("pid"))
     assert outcome(dispatcher.submit("grow:200")) == first
+    assert wait_until(lambda: dispatcher.stats()["recycled"] == 1, 10 * UNIT)  # supervisor's turn
     after = [outcome(dispatcher.submit("pid")) for _ in range(3)]
     assert all(not isinstance(reply, BaseException) for reply in after)
     assert after[0] != first
-    assert wait_until(lambda: dispatcher.stats()["recycled"] == 1, 10 * UNIT)
     stats = dispatcher.stats()
     assert (stats["recycled"], stats["restarts_crashed"], stats["crashed"]) == (1, 0, 0)
     assert not alive(int(str(first)))
@@ -578,10 +579,17 @@ def test_a_memory_cap_below_a_fresh_worker_recycles_after_every_request(
 ) -> None:
     dispatcher = make(Commands(), 1, max_rss=1)
     assert "below a fresh worker's RSS" in caplog.text
-    pids = [outcome(dispatcher.submit("pid")) for _ in range(4)]
+    pids = []
+    for recycled in range(1, 5):
+        pids.append(outcome(dispatcher.submit("pid")))
+        assert wait_until(functools.partial(recycled_is, dispatcher, recycled), 30 * UNIT)
     assert all(not isinstance(pid, BaseException) for pid in pids)
     assert len(set(pids)) == 4  # each worker retires after one request
     assert dispatcher.stats()["crashed"] == 0
+
+
+def recycled_is(dispatcher: ProcessPoolDispatcher, count: int) -> bool:
+    return bool(dispatcher.stats()["recycled"] == count)
 
 
 # -- shutdown and orphans ---------------------------------------------------------------

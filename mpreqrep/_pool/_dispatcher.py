@@ -65,8 +65,9 @@ class ProcessPoolDispatcher(Dispatcher):
     that dies costs only the request it was running
     (:class:`WorkerCrashError`); one that runs past ``request_timeout_s``
     is killed with its child processes (:class:`HandlerTimeoutError`); one
-    whose RSS reaches ``max_worker_memory`` is replaced after its current
-    requests. Requests queued behind a lost worker's running one never
+    whose RSS reaches ``max_worker_memory`` is recycled as one that served
+    ``max_requests`` is: it retires once another worker serves, then
+    finishes its requests. Requests queued behind a lost worker's running one never
     started there: they go to the other workers, so none runs twice. Only
     the lost worker is replaced, in the background.
 
@@ -308,9 +309,7 @@ class ProcessPoolDispatcher(Dispatcher):
         replies = self._requests.settle(link.worker.pid, payloads)
         if replies.retiring:
             logger.info("worker %d reached max_worker_memory; recycling it", link.worker.pid)
-            link.worker.cause = "recycled"
-            link.worker.retired = True  # its replacement starts now
-            self._supervisor.wake()
+            self._supervisor.recycle_soon(link.worker.pid)
         self._recycle_if_due(link.worker.pid)
         if replies.retired:
             self._close_channel(link)
@@ -367,7 +366,7 @@ class ProcessPoolDispatcher(Dispatcher):
         if self._max_rss is not None and max(sizes, default=0) >= self._max_rss:
             logger.warning(
                 "max_worker_memory (%d bytes) is below a fresh worker's RSS (%d bytes): "
-                "every worker will be replaced after each request",
+                "every worker will be recycled after its first request",
                 self._max_rss,
                 max(sizes),
             )

@@ -41,7 +41,7 @@ class Replies(NamedTuple):
     """What a batch of a worker's messages changed for that worker."""
 
     retiring: bool
-    """It said it reached the memory cap."""
+    """It said it reached the memory cap (it serves on until the supervisor retires it)."""
     retired: bool
     """It is retiring and has nothing left to do: close its channel."""
 
@@ -104,7 +104,6 @@ class Requests:
                 message = _decode(payload) or _undecodable(self._book.running(pid))
                 if isinstance(message, Retiring):
                     retiring = True
-                    retired |= self._book.retire(pid)
                     continue
                 settled = self._book.settle(pid, message.request_id, message.elapsed_s, now)
                 entry = self._pending.pop(message.request_id, None) if settled.deliver else None

@@ -234,7 +234,8 @@ class Supervisor(SelectLoop):
         self.call_soon(restart)
 
     def recycle_soon(self, pid: int) -> None:
-        """Retire worker ``pid`` (it reached ``max_requests``) as soon as another serves."""
+        """Retire worker ``pid`` (it reached ``max_requests`` or ``max_worker_memory``) as
+        soon as another serves: the one path of every recycling, never all at once."""
 
         def recycle() -> None:
             worker = self._table.get(pid)

@@ -10,8 +10,10 @@ worker serving. Every planned retirement goes through :meth:`Turnover.plan`:
 
 - *replacement* (a rolling restart, ``restart_workers()``/SIGHUP): the old
   worker retires once a new one is serving in its place, one at a time;
-- *recycling* (``max_requests`` reached): the worker retires as soon as
-  another worker serves (at once with a single worker: it must go);
+- *recycling* (``max_requests`` or ``max_worker_memory`` reached): the
+  worker serves on and retires as soon as another worker serves (at once
+  with a single worker: it must go), so even when every worker is past its
+  limit they go one at a time;
 - *resizing* down (``resize(n)``/SIGTTOU): starting workers are dropped
   first, then the oldest serving ones retire (they drain first)::
 
