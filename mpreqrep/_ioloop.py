@@ -189,6 +189,7 @@ class IOLoop(Reactor):
                     self._handle_event(key.data)
                 self._reply_completed()
                 self._expire_deadlines(time.monotonic())
+                self._run_calls()  # those queued on this thread during the pass
         finally:
             self._close_everything()
 

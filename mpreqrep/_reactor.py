@@ -15,6 +15,11 @@ Calls across threads::
     call_soon(cb) ─▶ _calls deque ──┐
                     + 1 byte ─▶ wake-up socket ─▶ select() ─▶ _drain_wake
                                     └────────────────────────▶ cb()
+
+A call queued on the I/O thread itself costs no wake-up byte and no lock: it
+runs at the end of the current pass (:meth:`Reactor._run_calls`, called by
+the loop after its other steps), before the loop waits again. A dispatcher
+uses that to gather a pass's writes into one (see :mod:`mpreqrep._pool`).
 """
 
 from __future__ import annotations
@@ -59,13 +64,21 @@ class Reactor:
         self._calls: collections.deque[Callable[[], None]] = collections.deque()
         self._calls_lock = threading.Lock()
         self._calls_open = True
+        self._loop_thread: int | None = None  # set by the loop as it starts serving
 
     def call_soon(self, callback: Callable[[], None]) -> bool:
         """Run ``callback`` on the I/O thread soon (any thread).
 
+        On the I/O thread it runs at the end of the current pass, without a
+        wake-up.
+
         Returns:
             ``False`` once the loop has stopped: the caller runs it itself.
         """
+        if threading.get_ident() == self._loop_thread:  # only this thread closes the calls
+            if self._calls_open:
+                self._calls.append(callback)
+            return self._calls_open
         with self._calls_lock:
             if not self._calls_open:
                 return False
@@ -83,7 +96,9 @@ class Reactor:
             self._selector.unregister(fileobj)
 
     def _watch_wakeups(self) -> None:
-        """Have the selector return when another thread writes to the wake-up socket."""
+        """Have the selector return when another thread writes to the wake-up socket;
+        from now on, calls queued on this thread run at the end of each pass."""
+        self._loop_thread = threading.get_ident()
         self._selector.register(self._wake_reader, selectors.EVENT_READ, self._drain_wake)
 
     def _wake_nowait(self) -> None:
@@ -102,7 +117,8 @@ class Reactor:
         self._run_calls()
 
     def _run_calls(self) -> None:
-        """Run the queued callbacks, in order; one that fails is logged."""
+        """Run the queued callbacks, in order; one that fails is logged (I/O thread;
+        the loop calls it at the end of every pass)."""
         calls = self._calls
         while calls:
             try:

@@ -56,9 +56,36 @@ def test_waiting_requests_are_shared_out_in_batches_once_the_handler_is_light() 
     sends = book.add_worker(10, 0.0)
     assert sends == [Send(10, tuple(range(MAX_BATCH_SIZE)))]
     assert book.batches == 1
-    sends = book.add_worker(11, 0.0)  # a fair share of the 24 left (12), then its room (4)
-    assert [len(send.request_ids) for send in sends] == [12, 4]
+    sends = book.add_worker(11, 0.0)  # the first is full: the newcomer takes what fits
+    assert sends == [Send(11, tuple(range(MAX_BATCH_SIZE, 2 * MAX_BATCH_SIZE)))]
     assert book.waiting() == 8
+
+
+def test_a_light_handler_s_requests_are_packed_on_the_busiest_worker_with_room() -> None:
+    book = Book()
+    light(book)
+    book.add_worker(10, 0.0)
+    book.add_worker(11, 0.0)
+    book.submit(0, 0.0)  # to an idle worker at once
+    busy = next(worker for worker in book.workers() if book.running(worker) == 0)
+    for request in range(1, 4):
+        book.queue(request)
+    assert book.top_up(0.0) == [Send(busy, (1, 2, 3))]  # the idle one stays asleep
+    for request in range(4, 4 + MAX_BATCH_SIZE):
+        book.queue(request)
+    sends = book.top_up(0.0)  # the busy one up to its depth, the rest to the other
+    assert [len(send.request_ids) for send in sends] == [MAX_BATCH_SIZE - 4, 4]
+    assert sends[0].worker == busy and sends[1].worker != busy
+
+
+def test_a_heavy_handler_s_queued_requests_are_shared_out_evenly() -> None:
+    book = Book()
+    book.add_worker(10, 0.0)
+    book.add_worker(11, 0.0)
+    for request in range(3):
+        book.queue(request)
+    assert book.waiting() == 3
+    assert book.top_up(0.0) == [Send(10, (0, 1)), Send(11, (2,))]
 
 
 def test_sizing_is_heavy_until_measured_and_follows_the_average() -> None:

@@ -36,6 +36,25 @@ def test_queued_calls_run_in_order_and_a_failing_one_is_logged(
     core._wake_nowait()  # after the close: harmless
 
 
+def test_a_call_queued_on_the_loop_thread_costs_no_wake_up_and_runs_at_the_pass_end() -> None:
+    core = Reactor()
+    core._watch_wakeups()  # this thread serves from now on
+    ran: list[int] = []
+    assert core.call_soon(lambda: ran.append(1))
+    assert core._selector.select(0) == []  # no wake-up byte was written
+    core._run_calls()  # what the loop does at the end of each pass
+    assert ran == [1]
+    other = threading.Thread(target=core.call_soon, args=(lambda: ran.append(2),))
+    other.start()
+    other.join()
+    assert len(core._selector.select(0)) == 1  # another thread's call wakes the loop
+    core._refuse_calls()
+    assert ran == [1, 2]
+    assert not core.call_soon(lambda: ran.append(3))  # closed, on the loop thread too
+    core._close_selector()
+    assert ran == [1, 2]
+
+
 def test_readers_are_added_and_removed_harmlessly() -> None:
     core = Reactor()
     reader, writer = socket.socketpair()

@@ -17,7 +17,8 @@ memory cap, or doomed to be killed after a timeout)::
     submit ──▶ a usable worker has room? ── yes ──▶ Send(worker, (id,))
                      │ no
                      ▼
-                  waiting ──▶ top-up on every settle / new worker / loss:
+    queue ──────▶ waiting ──▶ top-up on every settle / new worker / loss
+                              (or once per pass of the caller's loop):
                                 Send(worker, (id, id, ...)), one frame each
     settle(worker, id) ──▶ deliver it? the next one on that worker now runs
     top_up ──▶ Sends for the waiting requests, once per batch of replies
@@ -74,7 +75,8 @@ class Sizing:
 
     Light handlers (under :data:`LIGHT_HANDLER_S`) get up to
     :data:`MAX_BATCH_SIZE`, so the requests that arrive while a worker is busy
-    travel to it together: the hop is paid per frame, not per request. Heavy
+    travel to it together: the hop is paid per frame, not per request (and
+    :meth:`Book.top_up` packs them on as few workers as fit). Heavy
     handlers get :data:`HEAVY_DEPTH`, so a worker never idles waiting for its
     next request while the work stays spread over all workers. Until the
     first reply is measured, handlers count as heavy.
@@ -189,6 +191,11 @@ class Book:
         self._put(slot_id, (request,), now)
         return [Send(slot_id, (request,))]
 
+    def queue(self, request: int) -> None:
+        """A new request waits for the next :meth:`top_up`, with the others that
+        arrive meanwhile (a caller that sends once per pass of its loop)."""
+        self._waiting.append(request)
+
     def settle(self, worker: int, request: int, elapsed_s: float, now: float) -> Settled:
         """A worker answered ``request``, which took ``elapsed_s`` to handle.
 
@@ -283,21 +290,38 @@ class Book:
                 best, best_load = worker, len(slot.queue)
         return best
 
+    def _busiest(self, depth: int) -> int | None:
+        """The usable worker with the most requests, if it has fewer than ``depth``."""
+        best: int | None = None
+        best_load = -1
+        for worker, slot in self._slots.items():
+            if slot.usable and best_load < len(slot.queue) < depth:
+                best, best_load = worker, len(slot.queue)
+        return best
+
     def top_up(self, now: float) -> list[Send]:
-        """Share the waiting requests among the workers with room, a frame each.
+        """Give the waiting requests to the workers with room, a frame each.
+
+        A heavy handler's requests are shared out evenly, the least busy
+        worker first. A light handler's are packed: the busiest worker with
+        room takes as many as fit, so a light load keeps one worker reading
+        without sleeping instead of waking several (the hop, not the handler,
+        is the cost); the others take what does not fit.
 
         Returns:
             What to send to which worker.
         """
         sends: list[Send] = []
-        usable = sum(slot.usable for slot in self._slots.values())
+        light = self.sizing.is_light()
         depth = self.sizing.depth()
+        spread = 1 if light else sum(slot.usable for slot in self._slots.values())
+        pick = self._busiest if light else self._least_busy
         while self._waiting:
-            worker = self._least_busy(depth)
+            worker = pick(depth)
             if worker is None:
                 break
             room = depth - len(self._slots[worker].queue)
-            share = min(room, -(-len(self._waiting) // usable))  # ceil
+            share = min(room, -(-len(self._waiting) // spread))  # ceil
             batch = tuple(self._waiting.popleft() for _ in range(share))
             self._put(worker, batch, now)
             sends.append(Send(worker, batch))

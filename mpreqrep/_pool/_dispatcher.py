@@ -143,7 +143,9 @@ class ProcessPoolDispatcher(Dispatcher):
         self._warn_if_memory_cap_is_too_low()
 
     def attach(self, loop: LoopHooks) -> None:
-        """Read the workers' replies on the I/O thread from now on."""
+        """Read the workers' replies on the I/O thread from now on (called on it), and
+        send its requests once per pass of the loop."""
+        self._requests.send_once_per_pass(loop.call_soon)
         self._supervisor.attach(loop)
 
     def on_failure(self, callback: FailureCallback) -> None:

@@ -8,6 +8,16 @@ them, whichever thread sends. Futures are resolved after the lock is
 released. Knows nothing of processes, hosts or the supervisor: it is told
 which worker joined or was lost, and calls ``wake`` when a deadline comes
 due before the supervisor means to wake.
+
+Once the I/O loop serves (:meth:`Requests.send_once_per_pass`), what its
+thread submits and settles is sent at the end of its pass, in one top-up:
+one write per worker per pass, made just before the loop waits again, and
+workers still busy get their next requests before they run dry (so they
+read them without sleeping). Everywhere else a request goes out at once::
+
+    I/O thread: submit ─▶ book.queue ─┐         settle ─▶ book.settle
+                                      ▼                     │
+                end of pass: book.top_up ─▶ a frame per worker with room
 """
 
 from __future__ import annotations
@@ -73,6 +83,16 @@ class Requests:
         self._counts = dict.fromkeys(("crashed", "timed_out", "shed"), 0)
         self._refusal: str | None = None
         self._wakes_at: float | None = None
+        self._pass_thread: int | None = None
+        self._at_end_of_pass: Callable[[Callable[[], None]], bool] | None = None
+        self._top_up_due = False
+
+    def send_once_per_pass(self, call_soon: Callable[[Callable[[], None]], bool]) -> None:
+        """Gather what this thread (a loop's) submits and settles into one top-up
+        per pass; ``call_soon`` queues it for the end of the pass, and returns
+        ``False`` once the loop has ended (then requests go out at once again)."""
+        self._pass_thread = threading.get_ident()
+        self._at_end_of_pass = call_soon
 
     # -- from the I/O thread ----------------------------------------------------------------
 
@@ -84,8 +104,12 @@ class Requests:
             if refusal is None:
                 request_id = next(self._ids)
                 self._pending[request_id] = _Pending(text, future)
-                self._send(self._book.submit(request_id, self._now()))
-                wake = self._deadline_moved()
+                if self._gathering():
+                    self._book.queue(request_id)
+                    wake = False
+                else:
+                    self._send(self._book.submit(request_id, self._now()))
+                    wake = self._deadline_moved()
         if refusal is not None:
             future.set_exception(RuntimeError(refusal))
         elif wake:
@@ -110,7 +134,8 @@ class Requests:
                 if entry is not None:
                     resolved.append((entry.future, message))
                 retired |= settled.retired
-            self._send(self._book.top_up(now))
+            if not (self._book.waiting() and self._gathering()):
+                self._send(self._book.top_up(now))
             wake = self._deadline_moved()
         for future, outcome in resolved:
             _resolve(future, outcome)
@@ -240,7 +265,31 @@ class Requests:
             }
             return figures, {pid: book.served(pid) for pid in pids}
 
+    # -- at the end of the I/O loop's pass -------------------------------------------
+
+    def _top_up_pass(self) -> None:
+        """Send the requests gathered during the pass, a frame per worker with room."""
+        with self._lock:
+            self._top_up_due = False
+            self._send(self._book.top_up(self._now()))
+            wake = self._deadline_moved()
+        if wake:
+            self._wake()
+
     # -- helpers (the lock held) --------------------------------------------------------
+
+    def _gathering(self) -> bool:
+        """Whether this thread's requests wait for the end of its loop's pass (the
+        top-up is then queued there, once per pass)."""
+        if threading.get_ident() != self._pass_thread:
+            return False
+        if not self._top_up_due:
+            assert self._at_end_of_pass is not None, "set with the thread"
+            if not self._at_end_of_pass(self._top_up_pass):  # the loop has ended
+                self._pass_thread = None
+                return False
+            self._top_up_due = True
+        return True
 
     def _send(self, sends: Iterable[Send]) -> None:
         """Write each frame of requests to its worker."""
