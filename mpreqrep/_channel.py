@@ -50,19 +50,22 @@ class FrameReader:
 
     def feed(self, data: bytes) -> list[bytes]:
         """Add received bytes; return the payloads of the frames now complete."""
-        buffer = self._buffer
-        buffer += data
+        if self._buffer:  # the rest of a partial frame: join it to what came before
+            self._buffer += data
+            data = bytes(self._buffer)
+            self._buffer.clear()
         payloads: list[bytes] = []
         start = 0
         header_size = FRAME_HEADER.size
-        while len(buffer) - start >= header_size:
-            (size,) = FRAME_HEADER.unpack_from(buffer, start)
+        while len(data) - start >= header_size:
+            (size,) = FRAME_HEADER.unpack_from(data, start)
             end = start + header_size + size
-            if end > len(buffer):
+            if end > len(data):
                 break
-            payloads.append(bytes(buffer[start + header_size : end]))
+            payloads.append(data[start + header_size : end])
             start = end
-        del buffer[:start]
+        if start < len(data):
+            self._buffer += data[start:]
         return payloads
 
 

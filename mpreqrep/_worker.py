@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pickle
+import select
 import shutil
 import signal
 import socket
@@ -55,6 +56,10 @@ EXIT_INIT_FAILED = 1
 
 EXIT_ORPHANED = 70
 """Exit status of a worker whose parent died."""
+
+PARENT_GONE_WAIT_S = 0.05
+"""How long a worker whose channel ended waits for its lifeline to end too (the
+parent died, closing both at once) before it exits as if the parent closed it."""
 
 
 class Outcome(NamedTuple):
@@ -110,18 +115,17 @@ class _WorkerState:
     process: psutil.Process
     retiring: bool = False
 
-    def serve(self, request_id: int, request: str) -> Outcome:
-        """Run the handler and capture its reply or error."""
+    def answer(self, request_id: int, request: str) -> bytes:
+        """Run the handler; the frame of its reply, or of its error and traceback."""
         started = time.perf_counter()
         try:
-            reply = run_handler(self.handler, request)
-            # An exact str: a subclass might not unpickle in the parent.
-            reply = str.__str__(reply)
-            if not reply.isascii():
+            reply = run_handler(self.handler, request)  # an exact str: a subclass
+            if not reply.isascii():  # might not unpickle in the parent
                 _check_encodable(reply)
         except BaseException as exc:  # the parent logs it when it fails the future
-            return failed_outcome(request_id, exc)
-        return Outcome(request_id, reply, elapsed_s=time.perf_counter() - started)
+            return _encode_failure(failed_outcome(request_id, exc))
+        # A plain tuple: a named tuple pickles about six times slower.
+        return encode_frame((request_id, reply, time.perf_counter() - started))
 
     def outgrew_memory_cap(self) -> bool:
         """Whether the RSS has reached ``max_rss`` (never without a cap)."""
@@ -136,7 +140,7 @@ class _WorkerState:
             while data := sock.recv(RECV_CHUNK_SIZE):
                 for payload in reader.feed(data):
                     for request_id, text in pickle.loads(payload):
-                        reply = _encode_outcome(self.serve(request_id, text))
+                        reply = self.answer(request_id, text)
                         if not self.retiring and self.outgrew_memory_cap():
                             # Before the reply, so the parent sends nothing more here
                             # once this request is answered.
@@ -179,6 +183,23 @@ def worker_main(payload: bytes, address: Address, token: str, max_rss: int | Non
     with connect(address) as sock:
         sock.sendall(introduction(token, Hello(pid)))
         worker.serve_channel(sock)
+    if lifeline_ended(lifeline, PARENT_GONE_WAIT_S):
+        # The channel ended with the parent: clean up here too, or this thread's
+        # exit could end the process before the watchdog thread has done it.
+        remove_socket_directory(address)
+
+
+def lifeline_ended(lifeline: socket.socket, wait_s: float) -> bool:
+    """Whether the lifeline ends within ``wait_s`` seconds: the parent never writes to
+    it, so it is readable only once its end of stream (or a reset) has come."""
+    readable, _, _ = select.select([lifeline], [], [], wait_s)
+    return bool(readable)
+
+
+def remove_socket_directory(address: Address) -> None:
+    """Remove the parent's socket directory, as its owner no longer can (idempotent)."""
+    if isinstance(address, str):
+        shutil.rmtree(os.path.dirname(address), ignore_errors=True)
 
 
 def watch_lifeline(
@@ -196,8 +217,7 @@ def watch_lifeline(
             pass
     except OSError:
         pass
-    if isinstance(address, str):
-        shutil.rmtree(os.path.dirname(address), ignore_errors=True)
+    remove_socket_directory(address)
     exit_now(EXIT_ORPHANED)
 
 
@@ -215,12 +235,9 @@ def _check_encodable(reply: str) -> None:
         raise ReplyEncodingError(f"the reply cannot be encoded as UTF-8: {exc}") from exc
 
 
-def _encode_outcome(outcome: Outcome) -> bytes:
-    """A reply frame: a plain ``(request_id, reply, elapsed_s)`` tuple for a reply
-    (a named tuple pickles about six times slower), the :class:`Outcome` through
-    cloudpickle for an error, as :func:`_portable` checked."""
-    if outcome.error is None:
-        return encode_frame((outcome.request_id, outcome.reply, outcome.elapsed_s))
+def _encode_failure(outcome: Outcome) -> bytes:
+    """An error's frame: the :class:`Outcome` through cloudpickle, as :func:`_portable`
+    checked (a reply travels as a plain ``(request_id, reply, elapsed_s)`` tuple)."""
     return frame_of(bytes(loky_dumps(outcome)))
 
 

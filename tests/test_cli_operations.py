@@ -23,7 +23,7 @@ __all__ = ["serve_cli"]  # the fixture, used by name
 
 pytestmark = pytest.mark.timeout(120 * UNIT)
 
-# 2 ms a request: a heavy handler, whose requests are shared out over both workers
+# 5 ms a request: a heavy handler, whose requests are shared out over both workers
 # (a light one's are packed on one worker), so the replies name every worker.
 VERSIONED_MODULE = """
 import os
@@ -35,7 +35,7 @@ VERSION = {version!r}
 
 class VersionServer(mpreqrep.RequestServer):
     def handle_request(self, request):
-        time.sleep(0.002)
+        time.sleep(0.005)
         return VERSION + " " + str(os.getpid())
 """
 

@@ -95,6 +95,27 @@ def test_a_worker_connects_its_lifeline_says_hello_and_answers_in_order(
     assert not Path(str(listener.address)).parent.exists()  # the socket directory is gone
 
 
+def test_a_worker_whose_parent_dies_removes_the_socket_directory_from_its_main_thread(
+    parent: tuple[Listener, list[int]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    listener, _ = parent
+    # A watchdog that never gets to clean up: the main thread's exit came first.
+    monkeypatch.setattr(_worker, "watch_lifeline", lambda lifeline, address: None)
+
+    def die() -> None:  # as the kernel does for a parent killed with SIGKILL
+        lifeline, _ = listener.sock.accept()
+        channel, _ = listener.sock.accept()
+        read_frames(channel, 1)  # the hello
+        lifeline.close()
+        channel.close()
+
+    dying = threading.Thread(target=die, daemon=True)
+    dying.start()
+    _worker.worker_main(pickle.dumps(Commands()), listener.address, TOKEN, None)
+    dying.join(10 * UNIT)
+    assert not Path(str(listener.address)).parent.exists()
+
+
 def test_a_worker_that_cannot_load_the_handler_says_why_and_exits(
     parent: tuple[Listener, list[int]],
 ) -> None:
