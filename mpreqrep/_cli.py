@@ -32,11 +32,11 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Executor
 from decimal import Decimal
 from types import ModuleType
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 from . import (
     NoServerError,
@@ -50,6 +50,8 @@ from ._channel import remove_socket_directories
 from ._signals import OPERATION_SIGNALS, SHUTDOWN_SIGNALS, SignalWaiter
 
 logger = logging.getLogger("mpreqrep")
+
+_Number = TypeVar("_Number", int, float)
 
 PROG = "mpreqrep"
 DEFAULT_ADDRESS = "localhost:mpreqrep"
@@ -171,81 +173,17 @@ def _add_serve_command(commands: argparse._SubParsersAction[_ArgumentParser]) ->
         help="thread mode: run handlers concurrently on threads",
     )
     serve.add_argument(
-        "--request-timeout",
-        type=positive_seconds_argument,
-        metavar="S",
-        help="drop a request whose handler runs longer than S seconds",
-    )
-    serve.add_argument(
-        "--max-worker-memory",
-        type=size_argument,
-        metavar="SIZE",
-        help="recycle a worker whose memory exceeds SIZE (bytes, or e.g. 512M, 2G)",
-    )
-    serve.add_argument(
         "--log-level", type=str.upper, choices=LOG_LEVELS, default="INFO", help="default: INFO"
     )
-    serve.add_argument(
-        "--stats-interval",
-        type=positive_seconds_argument,
-        metavar="S",
-        help="log a one-line stats summary every S seconds",
-    )
-    _add_operations_options(serve)
+    _add_value_options(serve, SERVE_OPTIONS)
+    _add_value_options(serve, OPERATIONS_OPTIONS)
     serve.set_defaults(command=_serve)
 
 
-def _add_operations_options(serve: argparse.ArgumentParser) -> None:
-    """The options of operating a server in production (README, "Operations")."""
-    serve.add_argument(
-        "--metrics",
-        type=metrics_address_argument,
-        metavar="HOST:PORT",
-        help="serve Prometheus metrics at http://HOST:PORT/metrics (needs mpreqrep[metrics])",
-    )
-    serve.add_argument(
-        "--graceful-timeout",
-        type=positive_seconds_argument,
-        metavar="S",
-        help="on SIGINT/SIGTERM, give in-flight requests S seconds, then kill the workers "
-        "still running them and exit (default: 30)",
-    )
-    serve.add_argument(
-        "--max-requests",
-        type=positive_int_argument,
-        metavar="N",
-        help="process mode: recycle a worker after N requests",
-    )
-    serve.add_argument(
-        "--max-requests-jitter",
-        type=natural_int_argument,
-        metavar="J",
-        help="process mode: each worker recycles after N + randint(0, J) requests",
-    )
-
-
-def positive_int_argument(text: str) -> int:
-    """Parse an integer of at least 1.
-
-    Raises:
-        argparse.ArgumentTypeError: anything else.
-    """
-    with contextlib.suppress(ValueError):
-        if int(text) >= 1:
-            return int(text)
-    raise argparse.ArgumentTypeError(f"expected a positive integer, not {text!r}")
-
-
-def natural_int_argument(text: str) -> int:
-    """Parse an integer of at least 0.
-
-    Raises:
-        argparse.ArgumentTypeError: anything else.
-    """
-    with contextlib.suppress(ValueError):
-        if int(text) >= 0:
-            return int(text)
-    raise argparse.ArgumentTypeError(f"expected an integer of at least 0, not {text!r}")
+def _add_value_options(parser: argparse.ArgumentParser, options: Sequence[ValueOption]) -> None:
+    """Add options that take one value and default to ``None``."""
+    for flag, parse, metavar, text in options:
+        parser.add_argument(flag, type=parse, metavar=metavar, help=text)
 
 
 def _add_request_command(commands: argparse._SubParsersAction[_ArgumentParser]) -> None:
@@ -275,12 +213,7 @@ def address_argument(text: str) -> str:
         argparse.ArgumentTypeError: the address is malformed, or its
             protocol is not tcp.
     """
-    try:
-        protocol, _, _ = split_address(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"invalid address {text!r}: {exc}") from exc
-    if protocol != "tcp":
-        raise argparse.ArgumentTypeError(f"invalid address {text!r}: only tcp is served")
+    _split_tcp_address(text, "only tcp is served")
     return text
 
 
@@ -290,13 +223,55 @@ def metrics_address_argument(text: str) -> tuple[str, int]:
     Raises:
         argparse.ArgumentTypeError: a malformed address.
     """
+    return _split_tcp_address(text, "metrics are served over http")
+
+
+def _split_tcp_address(text: str, not_tcp: str) -> tuple[str, int]:
+    """``(host, port)`` of a tcp address; ``not_tcp`` says why another protocol is refused.
+
+    Raises:
+        argparse.ArgumentTypeError: a malformed address, or not tcp.
+    """
     try:
         protocol, host, port = split_address(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(f"invalid address {text!r}: {exc}") from exc
     if protocol != "tcp":
-        raise argparse.ArgumentTypeError(f"invalid address {text!r}: metrics are served over http")
+        raise argparse.ArgumentTypeError(f"invalid address {text!r}: {not_tcp}")
     return host, port
+
+
+def _number_argument(
+    convert: Callable[[str], _Number], accept: Callable[[_Number], bool], expected: str
+) -> Callable[[str], _Number]:
+    """An argparse ``type``: ``convert(text)`` where ``accept`` takes the result.
+
+    Args:
+        convert: ``int`` or ``float``.
+        accept: whether a converted value is allowed.
+        expected: what is, for the error (``"a positive integer"``).
+
+    Returns:
+        The parser, which raises :class:`argparse.ArgumentTypeError` for
+        anything else.
+    """
+
+    def parse(text: str) -> _Number:
+        with contextlib.suppress(ValueError):
+            value = convert(text)
+            if accept(value):
+                return value
+        raise argparse.ArgumentTypeError(f"expected {expected}, not {text!r}")
+
+    return parse
+
+
+positive_int_argument = _number_argument(int, lambda n: n >= 1, "a positive integer")
+natural_int_argument = _number_argument(int, lambda n: n >= 0, "an integer of at least 0")
+positive_seconds_argument = _number_argument(
+    float, lambda s: s > 0, "a positive number of seconds"
+)  # NaN is not above zero: refused
+_worker_count = _number_argument(int, lambda n: n >= 1, "a positive integer or 'auto'")
 
 
 def worker_count_argument(text: str) -> int | str:
@@ -305,24 +280,7 @@ def worker_count_argument(text: str) -> int | str:
     Raises:
         argparse.ArgumentTypeError: anything else.
     """
-    if text.lower() == "auto":
-        return "auto"
-    with contextlib.suppress(ValueError):
-        if int(text) >= 1:
-            return int(text)
-    raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', not {text!r}")
-
-
-def positive_seconds_argument(text: str) -> float:
-    """Parse a positive number of seconds.
-
-    Raises:
-        argparse.ArgumentTypeError: not a number, or not above zero.
-    """
-    with contextlib.suppress(ValueError):
-        if float(text) > 0:
-            return float(text)
-    raise argparse.ArgumentTypeError(f"expected a positive number of seconds, not {text!r}")
+    return "auto" if text.lower() == "auto" else _worker_count(text)
 
 
 def size_argument(text: str) -> int:
@@ -344,6 +302,59 @@ def size_argument(text: str) -> int:
             f"expected a size such as 512M, 2G or a number of bytes, not {text!r}"
         )
     return size
+
+
+ValueOption = tuple[str, Callable[[str], Any], str, str]
+"""An option that takes a value: its flag, parser, metavar and help."""
+
+SERVE_OPTIONS: tuple[ValueOption, ...] = (
+    (
+        "--request-timeout",
+        positive_seconds_argument,
+        "S",
+        "drop a request whose handler runs longer than S seconds",
+    ),
+    (
+        "--max-worker-memory",
+        size_argument,
+        "SIZE",
+        "recycle a worker whose memory exceeds SIZE (bytes, or e.g. 512M, 2G)",
+    ),
+    (
+        "--stats-interval",
+        positive_seconds_argument,
+        "S",
+        "log a one-line stats summary every S seconds",
+    ),
+)
+OPERATIONS_OPTIONS: tuple[ValueOption, ...] = (
+    (
+        "--metrics",
+        metrics_address_argument,
+        "HOST:PORT",
+        "serve Prometheus metrics at http://HOST:PORT/metrics (needs mpreqrep[metrics])",
+    ),
+    (
+        "--graceful-timeout",
+        positive_seconds_argument,
+        "S",
+        "on SIGINT/SIGTERM, give in-flight requests S seconds, then kill the workers "
+        "still running them and exit (default: 30)",
+    ),
+    (
+        "--max-requests",
+        positive_int_argument,
+        "N",
+        "process mode: recycle a worker after N requests",
+    ),
+    (
+        "--max-requests-jitter",
+        natural_int_argument,
+        "J",
+        "process mode: each worker recycles after N + randint(0, J) requests",
+    ),
+)
+"""The options of operating a server in production (README, "Operations")."""
 
 
 # -- request ------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ import select
 import signal
 import socket
 from collections.abc import Callable, Iterable
-from types import FrameType, TracebackType
+from types import FrameType
 from typing import Any
 
 NOTIFY_BYTE = b"\0"
@@ -84,12 +84,7 @@ class SignalWaiter:
             raise
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self._restore()
 
     def wait(self, timeout_s: float | None) -> list[int]:

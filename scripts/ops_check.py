@@ -37,6 +37,11 @@ import psutil
 import mpreqrep
 
 REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))  # for tests.client_load
+
+from tests.client_load import Load  # noqa: E402
+
 TARGET = "workers.whoami:WhoAmIServer"
 DEADLINE_S = 60.0
 
@@ -83,46 +88,6 @@ class Serve:
         return time.monotonic() - started
 
 
-class Load:
-    """Client threads sending requests in a loop, each reply recorded with its time."""
-
-    def __init__(self, address: str, clients: int, each: int = 10**9, text: str = "") -> None:
-        self.replies: list[tuple[float, str | None]] = []
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._threads = [
-            threading.Thread(target=self._client, args=(address, each, text))
-            for _ in range(clients)
-        ]
-        for thread in self._threads:
-            thread.start()
-
-    def _client(self, address: str, each: int, text: str) -> None:
-        for _ in range(each):
-            if self._stop.is_set():
-                return
-            reply = mpreqrep.do_request(address, text, timeout=30)
-            with self._lock:
-                self.replies.append((time.monotonic(), reply))
-
-    def pids_since(self, since: float) -> set[str]:
-        with self._lock:
-            return {reply.strip() for at, reply in self.replies if reply and at >= since}
-
-    def failed(self) -> int:
-        with self._lock:
-            return sum(not reply for _, reply in self.replies)
-
-    def wait(self) -> None:
-        """Let every client send all its requests."""
-        for thread in self._threads:
-            thread.join(DEADLINE_S)
-
-    def finish(self) -> None:
-        self._stop.set()
-        self.wait()
-
-
 def wait_for(predicate: Callable[[], bool], timeout_s: float = DEADLINE_S) -> float | None:
     """Seconds until ``predicate`` held, ``None`` if it did not within ``timeout_s``."""
     started = time.monotonic()
@@ -137,20 +102,20 @@ def hup(clients: int) -> str:
     serve = Serve("--workers", "2")
     load = Load(serve.address, clients)
     wait_for(lambda: len(load.replies) >= 100)
-    old = load.pids_since(0.0)
+    old = load.pids(0.0)
     sent = time.monotonic()
     serve.signal(signal.SIGHUP)
 
     def replaced() -> bool:
-        recent = load.pids_since(time.monotonic() - 0.5)
+        recent = load.pids(time.monotonic() - 0.5)
         return time.monotonic() - sent > 0.5 and len(recent) == 2 and not recent & old
 
     took = wait_for(replaced, 30)
-    after = load.pids_since(time.monotonic() - 0.5)
+    after = load.pids(time.monotonic() - 0.5)
     load.finish()
     serve.stop()
     return (
-        f"hup: {len(load.replies)} requests, failed={load.failed()}, old pids={sorted(old)}, "
+        f"hup: {len(load.replies)} requests, failed={load.failures()}, old pids={sorted(old)}, "
         f"pids answering after={sorted(after)}, every pid replaced={took is not None} "
         f"(within {took and round(took, 2)} s)"
     )
@@ -162,20 +127,20 @@ def ttin(clients: int) -> str:
     wait_for(lambda: len(load.replies) >= 50)
     sent = time.monotonic()
     serve.signal(signal.SIGTTIN)
-    three = wait_for(lambda: len(load.pids_since(sent)) >= 3, 30)
+    three = wait_for(lambda: len(load.pids(sent)) >= 3, 30)
     sent = time.monotonic()
     serve.signal(signal.SIGTTOU)
 
     def two_left() -> bool:
         now = time.monotonic()
-        return len(load.pids_since(now - 0.5)) == 2 and now - sent > 0.5
+        return len(load.pids(now - 0.5)) == 2 and now - sent > 0.5
 
     two = wait_for(two_left, 30)
     load.finish()
     serve.stop()
     return (
         f"ttin: 3 workers answering after {three and round(three, 2)} s; ttou: 2 answering "
-        f"after {two and round(two, 2)} s; failed={load.failed()} of {len(load.replies)}"
+        f"after {two and round(two, 2)} s; failed={load.failures()} of {len(load.replies)}"
     )
 
 
@@ -183,12 +148,12 @@ def max_requests(clients: int) -> str:
     figures = []
     for text, handler in (("", "an instant handler"), ("0.005", "a 5 ms handler")):
         serve = Serve("--workers", "2", "--max-requests", "40", "--max-requests-jitter", "10")
-        load = Load(serve.address, clients, each=600 // clients, text=text)
+        load = Load(serve.address, clients, limit=600 // clients, text=text)
         load.wait()
         serve.stop()
         figures.append(
-            f"{handler}: {len(load.replies)} requests, failed={load.failed()}, "
-            f"distinct worker pids={len(load.pids_since(0.0))}"
+            f"{handler}: {len(load.replies)} requests, failed={load.failures()}, "
+            f"distinct worker pids={len(load.pids(0.0))}"
         )
     return "max-requests 40 jitter 10: " + "; ".join(figures)
 
@@ -227,7 +192,7 @@ def metrics(clients: int) -> str:
 
     serve = Serve("--workers", "2", "--metrics", "127.0.0.1:0")
     url = serve.metrics_url()
-    load = Load(serve.address, clients, each=25)
+    load = Load(serve.address, clients, limit=25)
     load.wait()
     with urllib.request.urlopen(url, timeout=DEADLINE_S) as response:
         text = response.read().decode()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -110,3 +111,20 @@ def ask_all(address: str, requests: list[str], timeout: float = 30 * UNIT) -> li
     for thread in threads:
         thread.join(2 * timeout)
     return replies
+
+
+def assert_exits_promptly(argv: list[str], within_s: float = 1 * UNIT) -> None:
+    """Run ``argv``, a program that prints ``exiting`` when it is about to exit with
+    work still running (a daemon thread, a handler): from that line on, it must exit
+    0 within ``within_s`` seconds, the running work notwithstanding."""
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout is not None
+        assert process.stdout.readline() == "exiting\n"
+        began = time.monotonic()
+        assert process.wait(timeout=30 * UNIT) == 0
+        assert time.monotonic() - began < within_s
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()

@@ -135,6 +135,11 @@ class ServeProcess:
     def send(self, signum: int) -> None:
         os.kill(self.process.pid, signum)
 
+    def stop(self) -> int:
+        """SIGTERM, as an operator stops it; the exit code."""
+        self.send(signal.SIGTERM)
+        return self.wait()
+
     def wait(self) -> int:
         code = self.process.wait(timeout=60 * UNIT)
         for reader in self._readers:
@@ -200,6 +205,31 @@ def request_in_thread(address: str, text: str) -> tuple[threading.Thread, list[s
     thread = threading.Thread(target=send)
     thread.start()
     return thread, replies
+
+
+def start_holding(
+    serve_cli: list[ServeProcess], tmp_path: Path, name: str, *options: str, **how: bool
+) -> tuple[ServeProcess, threading.Thread, list[str | None]]:
+    """``serve`` HoldingServer with ``options``, holding a request ``name`` in flight;
+    its descendants recorded. Returns the child, the client thread and its replies."""
+    (tmp_path / "holding.py").write_text(HOLDING_MODULE)
+    child = start(serve_cli, "holding:HoldingServer", *options, cwd=tmp_path, **how)
+    thread, replies = request_in_thread(child.read_address(), name)
+    assert wait_until((tmp_path / f"{name}.started").exists, 60 * UNIT)
+    child.record_descendants()
+    return child, thread, replies
+
+
+def assert_released_and_answered(
+    child: ServeProcess, tmp_path: Path, thread: threading.Thread, replies: list[str | None]
+) -> None:
+    """Release the held request ``first``: it is answered, and the child exits 0, leaving
+    no descendant."""
+    (tmp_path / "first.release").touch()
+    assert child.wait() == 0
+    thread.join(30 * UNIT)
+    assert replies == ["done first\r\n"]
+    child.assert_no_descendants_left()
 
 
 def run_main(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
@@ -520,8 +550,7 @@ def test_serve_answers_logs_stats_and_exits_0_on_sigterm(serve_cli: list[ServePr
     address = child.read_address()
     assert mpreqrep.do_request(address, "hi", timeout=30 * UNIT) == "hi\r\n"
     child.wait_for_stderr("stats served=1 ")
-    child.send(signal.SIGTERM)
-    assert child.wait() == 0
+    assert child.stop() == 0
     with pytest.raises(mpreqrep.NoServerError):
         mpreqrep.do_request(address, "hi")
 
@@ -540,23 +569,16 @@ def test_serve_answers_logs_stats_and_exits_0_on_sigterm(serve_cli: list[ServePr
 def test_signal_drains_in_flight_requests_and_exits_0(
     signum: int, options: list[str], tmp_path: Path, serve_cli: list[ServeProcess]
 ) -> None:
-    (tmp_path / "holding.py").write_text(HOLDING_MODULE)
     # The console script does not put the current directory on sys.path: serve must.
-    child = start(serve_cli, "holding:HoldingServer", *options, cwd=tmp_path, console_script=True)
-    address = child.read_address()
-    thread, replies = request_in_thread(address, "first")
-    assert wait_until((tmp_path / "first.started").exists, 60 * UNIT)
-    child.record_descendants()
+    child, thread, replies = start_holding(
+        serve_cli, tmp_path, "first", *options, console_script=True
+    )
     child.send(signum)
     child.wait_for_stderr("draining")
     child.send(signal.SIGTTIN)
     child.wait_for_stderr("SIGTTIN ignored: the server is stopping")
     assert child.process.poll() is None and not replies  # held: still in flight
-    (tmp_path / "first.release").touch()
-    assert child.wait() == 0
-    thread.join(30 * UNIT)
-    assert replies == ["done first\r\n"]
-    child.assert_no_descendants_left()
+    assert_released_and_answered(child, tmp_path, thread, replies)
 
 
 @pytest.mark.timeout(SUBPROCESS_TIMEOUT)
@@ -567,14 +589,9 @@ def test_second_signal_exits_at_once(
     serve_cli: list[ServeProcess],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    (tmp_path / "holding.py").write_text(HOLDING_MODULE)
     temporary = Path(tempfile.mkdtemp(prefix="t", dir="/tmp"))  # short: socket paths
     monkeypatch.setenv("TMPDIR", str(temporary))  # the server's, to see it clean up
-    child = start(serve_cli, "holding:HoldingServer", *options, cwd=tmp_path)
-    address = child.read_address()
-    thread, replies = request_in_thread(address, "stuck")
-    assert wait_until((tmp_path / "stuck.started").exists, 60 * UNIT)
-    child.record_descendants()
+    child, thread, replies = start_holding(serve_cli, tmp_path, "stuck", *options)
     child.send(signal.SIGTERM)
     child.wait_for_stderr("draining")
     child.send(signal.SIGTERM)
@@ -590,21 +607,12 @@ def test_second_signal_exits_at_once(
 @pytest.mark.timeout(SUBPROCESS_TIMEOUT)
 def test_ctrl_c_in_a_terminal_drains_too(tmp_path: Path, serve_cli: list[ServeProcess]) -> None:
     """Ctrl-C signals the whole process group, pool workers included."""
-    (tmp_path / "holding.py").write_text(HOLDING_MODULE)
-    child = start(
-        serve_cli, "holding:HoldingServer", "--workers", "1", cwd=tmp_path, new_session=True
+    child, thread, replies = start_holding(
+        serve_cli, tmp_path, "first", "--workers", "1", new_session=True
     )
-    address = child.read_address()
-    thread, replies = request_in_thread(address, "first")
-    assert wait_until((tmp_path / "first.started").exists, 60 * UNIT)
-    child.record_descendants()
     os.killpg(child.process.pid, signal.SIGINT)
     child.wait_for_stderr("draining")
-    (tmp_path / "first.release").touch()
-    assert child.wait() == 0
-    thread.join(30 * UNIT)
-    assert replies == ["done first\r\n"]
-    child.assert_no_descendants_left()
+    assert_released_and_answered(child, tmp_path, thread, replies)
 
 
 @pytest.mark.timeout(SUBPROCESS_TIMEOUT)

@@ -97,6 +97,11 @@ def latest_stats(child: ServeProcess) -> dict[str, str]:
     return dict(pair.split("=", 1) for pair in lines[-1].split(" stats ", 1)[1].split())
 
 
+def start_ops_server(serve_cli: list[ServeProcess], *options: str) -> ServeProcess:
+    """``serve`` OpsServer with 2 workers (unless ``options`` say otherwise)."""
+    return start(serve_cli, "tests.ops_handlers:OpsServer", "--workers", "2", *options)
+
+
 def read_metrics_url(child: ServeProcess) -> str:
     line = child.stdout.get(timeout=60 * UNIT)
     match = re.fullmatch(r"mpreqrep: metrics at (\S+)\n", line)
@@ -132,21 +137,13 @@ def test_sighup_reloads_the_code_one_worker_at_a_time(
             return len(new) == 16 and len({reply.split()[-1] for reply in new}) == 2
 
         assert wait_until(replaced, 60 * UNIT)
-    assert clients.failures() == 0
+    assert clients.failures() == 0, clients.errors
     assert clients.replies[-1] and clients.replies[-1].startswith("v2 (edited) ")
-    child.send(signal.SIGTERM)
-    assert child.wait() == 0
+    assert child.stop() == 0
 
 
 def test_sigttin_adds_a_worker_and_sigttou_removes_one(serve_cli: list[ServeProcess]) -> None:
-    child = start(
-        serve_cli,
-        "tests.ops_handlers:OpsServer",
-        "--workers",
-        "2",
-        "--metrics",
-        "127.0.0.1:0",
-    )
+    child = start_ops_server(serve_cli, "--metrics", "127.0.0.1:0")
     address = child.read_address()
     url = read_metrics_url(child)
     # 5 ms handlers: busy enough that a third worker gets requests (the pool batches
@@ -160,44 +157,30 @@ def test_sigttin_adds_a_worker_and_sigttou_removes_one(serve_cli: list[ServeProc
         child.send(signal.SIGTTOU)
         assert wait_until(lambda: workers_gauge(url)[0] == 2, 10 * UNIT)
         assert wait_until(lambda: len(workers_gauge(url)[1]) == 2, 30 * UNIT)
-    assert clients.failures() == 0
-    child.send(signal.SIGTERM)
-    assert child.wait() == 0
+    assert clients.failures() == 0, clients.errors
+    assert child.stop() == 0
 
 
 def test_max_requests_rotates_pids_and_loses_nothing(serve_cli: list[ServeProcess]) -> None:
-    child = start(
-        serve_cli,
-        "tests.ops_handlers:OpsServer",
-        "--workers",
-        "2",
-        "--max-requests",
-        "20",
-        "--max-requests-jitter",
-        "5",
-    )
+    child = start_ops_server(serve_cli, "--max-requests", "20", "--max-requests-jitter", "5")
     address = child.read_address()
     with load(address, clients=8) as clients:  # until the pids rotated twice over
         assert wait_until(lambda: len(clients.pids()) >= 4, 60 * UNIT)
-    assert clients.failures() == 0
-    child.send(signal.SIGTERM)
-    assert child.wait() == 0
+    assert clients.failures() == 0, clients.errors
+    assert child.stop() == 0
 
 
 def test_graceful_timeout_kills_a_long_handler_and_exits(
     tmp_path: Path, serve_cli: list[ServeProcess]
 ) -> None:
-    child = start(
-        serve_cli, "tests.ops_handlers:OpsServer", "--workers", "2", "--graceful-timeout", "1"
-    )
+    child = start_ops_server(serve_cli, "--graceful-timeout", "1")
     address = child.read_address()
     marker = tmp_path / "held"
     thread, replies = request_in_thread(address, f"hold:{marker}")  # a minute, unless killed
     assert wait_until(marker.exists, 30 * UNIT)
     child.record_descendants()
     started = time.monotonic()
-    child.send(signal.SIGTERM)
-    assert child.wait() == 0
+    assert child.stop() == 0
     assert time.monotonic() - started < 1 + 3 * UNIT
     thread.join(30 * UNIT)
     assert replies == [""]
@@ -214,19 +197,17 @@ def test_operation_signals_outside_process_mode_are_ignored(
         child.send(signum)
     child.wait_for_stderr("SIGTTOU ignored")
     assert mpreqrep.do_request(address, "still", timeout=30 * UNIT) == "still\r\n"
-    child.send(signal.SIGTERM)
-    assert child.wait() == 0
+    assert child.stop() == 0
 
 
 def test_sigttou_keeps_the_last_worker(serve_cli: list[ServeProcess]) -> None:
-    child = start(serve_cli, "tests.ops_handlers:OpsServer", "--workers", "1")
+    child = start_ops_server(serve_cli, "--workers", "1")
     address = child.read_address()
     child.wait_for_stderr("serving at")
     child.send(signal.SIGTTOU)
     child.wait_for_stderr("the last worker stays")
     assert mpreqrep.do_request(address, "pid", timeout=30 * UNIT)
-    child.send(signal.SIGTERM)
-    assert child.wait() == 0
+    assert child.stop() == 0
 
 
 def test_bad_operation_options_are_one_line_errors(serve_cli: list[ServeProcess]) -> None:
@@ -255,8 +236,7 @@ def test_ttin_and_ttou_while_the_workers_start_take_effect_in_order_once_serving
     assert wait_until(lambda: latest_stats(child).get("workers_alive") == "2", 30 * UNIT)
     assert latest_stats(child)["workers_wanted"] == "2"
     assert mpreqrep.do_request(address, "x", timeout=30 * UNIT).strip() in booted_pids(tmp_path)  # type: ignore[union-attr]
-    child.send(signal.SIGTERM)
-    assert child.wait() == 0
+    assert child.stop() == 0
 
 
 def test_sighups_while_the_workers_start_make_one_restart_once_serving(
@@ -277,8 +257,7 @@ def test_sighups_while_the_workers_start_make_one_restart_once_serving(
 
     assert wait_until(replaced, 60 * UNIT)
     assert "".join(child.stderr).count("SIGHUP: replacing the 1 workers") == 1
-    child.send(signal.SIGTERM)
-    assert child.wait() == 0
+    assert child.stop() == 0
     assert len(booted_pids(tmp_path)) == 2  # the first worker and its one replacement
 
 

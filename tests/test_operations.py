@@ -9,7 +9,6 @@ import re
 import signal
 import threading
 import time
-from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,6 +18,7 @@ import pytest
 
 import mpreqrep
 
+from .client_load import Load
 from .conftest import UNIT, running, wait_until
 from .ops_handlers import OpsServer
 
@@ -36,61 +36,14 @@ def worker_pids(server: mpreqrep.RequestServer) -> set[int]:
     return {worker["pid"] for worker in server.stats()["workers"]}
 
 
-class Load:
-    """``clients`` threads sending requests in a loop until stopped (or ``limit`` each)."""
-
-    def __init__(self, address: str, clients: int, limit: int = 10_000, text: str = "pid") -> None:
-        self.replies: list[str | None] = []
-        self.errors: list[Exception] = []
-        self._stop = threading.Event()
-        self._lock = threading.Lock()
-        self._threads = [
-            threading.Thread(target=self._client, args=(address, limit, text))
-            for _ in range(clients)
-        ]
-        for thread in self._threads:
-            thread.start()
-
-    def _client(self, address: str, limit: int, text: str) -> None:
-        for _ in range(limit):
-            if self._stop.is_set():
-                return
-            try:
-                reply = mpreqrep.do_request(address, text, timeout=30 * UNIT)
-            except Exception as exc:  # counted as a failure, shown by failures()
-                with self._lock:
-                    self.errors.append(exc)
-                continue
-            with self._lock:
-                self.replies.append(reply)
-
-    def pids(self) -> Counter[str]:
-        with self._lock:
-            return Counter(reply.strip() for reply in self.replies if reply)
-
-    def failures(self) -> int:
-        """Requests without a reply: an empty one, none in time, or an error (listed)."""
-        with self._lock:
-            assert not self.errors, self.errors
-            return sum(not reply for reply in self.replies)
-
-    def wait(self) -> None:
-        """Let every client send its ``limit`` requests."""
-        for thread in self._threads:
-            thread.join(60 * UNIT)
-
-    def finish(self) -> None:
-        self._stop.set()
-        self.wait()
-
-
 @contextmanager
 def load(address: str, clients: int, limit: int = 10_000, text: str = "pid") -> Iterator[Load]:
-    running_load = Load(address, clients, limit, text)
+    """Client threads sending ``text`` while the block runs; stopped and joined after."""
+    running_load = Load(address, clients, limit=limit, text=text, timeout_s=30 * UNIT)
     try:
         yield running_load
     finally:
-        running_load.finish()
+        running_load.finish(60 * UNIT)
 
 
 def request_in_thread(address: str, text: str) -> tuple[threading.Thread, list[str | None]]:
@@ -161,7 +114,7 @@ def test_max_requests_recycles_workers_without_losing_a_request() -> None:
     with running(OpsServer, workers=2, max_requests=10, max_requests_jitter=3) as server:
         with load(server.address, clients=4) as clients:
             assert wait_until(lambda: server.stats()["restarts_recycled"] >= 3, 60 * UNIT)
-        assert clients.failures() == 0
+        assert clients.failures() == 0, clients.errors
         assert len(clients.pids()) >= 4  # workers rotated
         stats = server.stats()
         assert stats["restarts_crashed"] == 0 and stats["failed"] == 0
@@ -208,7 +161,7 @@ def test_stopping_while_a_recycled_worker_drains_is_clean(
         load(server.address, clients=4) as clients,
     ):
         assert wait_until(lambda: server.stats()["restarts_recycled"] >= 1, 60 * UNIT)
-    assert clients.failures() == 0
+    assert clients.failures() == 0, clients.errors
     assert "supervision failed" not in caplog.text
 
 
@@ -274,7 +227,7 @@ def test_restart_workers_replaces_every_worker_without_a_failed_request() -> Non
             )
             seen = len(clients.replies)
             assert wait_until(lambda: len(clients.replies) >= seen + 20, 30 * UNIT)
-        assert clients.failures() == 0
+        assert clients.failures() == 0, clients.errors
         assert not {int(pid) for pid in clients.pids()} - old - worker_pids(server)
         assert wait_until(lambda: server.stats()["restarts_reloaded"] == 2, 30 * UNIT)
         assert not any(alive(pid) for pid in old)

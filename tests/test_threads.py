@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
 import sys
 import textwrap
 import threading
@@ -12,7 +11,7 @@ import pytest
 
 from mpreqrep._threads import DaemonThreadExecutor
 
-from .conftest import UNIT, wait_until
+from .conftest import UNIT, assert_exits_promptly, wait_until
 
 
 def pool_threads(prefix: str) -> list[threading.Thread]:
@@ -147,14 +146,4 @@ def test_a_running_call_does_not_block_interpreter_exit() -> None:
         print("exiting", flush=True)
         """
     )
-    process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
-    try:
-        assert process.stdout is not None
-        assert process.stdout.readline() == "exiting\n"
-        began = time.monotonic()
-        assert process.wait(timeout=30 * UNIT) == 0
-        assert time.monotonic() - began < 1 * UNIT
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+    assert_exits_promptly([sys.executable, "-c", script])

@@ -5,9 +5,7 @@ from __future__ import annotations
 import contextlib
 import re
 import socket
-import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from types import ModuleType
 
@@ -15,7 +13,7 @@ import pytest
 
 import mpreqrep
 
-from .conftest import UNIT, running, serve_once, wait_until
+from .conftest import UNIT, assert_exits_promptly, running, serve_once, wait_until
 
 REQUESTS = ["hello", "with crlf\r\n", "", "unicode é ✓", "two\r\nlines", "trailing\n"]
 
@@ -164,19 +162,7 @@ print("exiting", flush=True)
 @pytest.mark.parametrize("module", ["yoton", "mpreqrep"])
 def test_running_async_handler_does_not_block_exit(module: str) -> None:
     """Handler threads are daemons, as yoton's: a 10 s handler costs exit nothing."""
-    process = subprocess.Popen(
-        [sys.executable, "-c", EXIT_SCRIPT, module], stdout=subprocess.PIPE, text=True
-    )
-    try:
-        assert process.stdout is not None
-        assert process.stdout.readline() == "exiting\n"
-        began = time.monotonic()
-        assert process.wait(timeout=30 * UNIT) == 0
-        assert time.monotonic() - began < 1 * UNIT
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+    assert_exits_promptly([sys.executable, "-c", EXIT_SCRIPT, module])
 
 
 def verbose_lines(module: ModuleType, yoton: ModuleType, capsys: pytest.CaptureFixture[str]) -> str:
