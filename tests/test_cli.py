@@ -15,6 +15,7 @@ import sys
 import tempfile
 import textwrap
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
@@ -602,6 +603,23 @@ def test_second_signal_exits_at_once(
     child.assert_no_descendants_left()
     assert list(temporary.iterdir()) == []  # no socket directory left behind
     temporary.rmdir()
+
+
+@pytest.mark.timeout(SUBPROCESS_TIMEOUT)
+def test_a_thread_handler_past_the_graceful_timeout_is_exit_1(
+    tmp_path: Path, serve_cli: list[ServeProcess]
+) -> None:
+    """A thread cannot be killed: the graceful timeout (plus a margin) bounds serve anyway."""
+    child, thread, replies = start_holding(
+        serve_cli, tmp_path, "stuck", "--async", "--graceful-timeout", "0.5"
+    )
+    began = time.monotonic()
+    assert child.stop() == _cli.EXIT_ERROR
+    elapsed = time.monotonic() - began
+    assert 0.5 + _cli.EXIT_MARGIN_S <= elapsed < 0.5 + _cli.EXIT_MARGIN_S + 10 * UNIT, elapsed
+    assert any("did not stop within the graceful timeout" in line for line in child.stderr)
+    thread.join(30 * UNIT)
+    assert replies == [""]  # never answered
 
 
 @pytest.mark.timeout(SUBPROCESS_TIMEOUT)
