@@ -94,6 +94,24 @@ def alive(process: psutil.Process) -> bool:
         return False
 
 
+def child_environment() -> dict[str, str]:
+    """This process's environment, plus, when this run measures coverage (pytest
+    --cov), what makes a Python child measure itself into the same data: the
+    project's configuration (``parallel = true``: a data file per process, which
+    pytest-cov combines at the end) and this run's data file, made absolute since
+    children run in other folders. coverage's own ``.pth`` file starts it."""
+    import coverage
+
+    measuring = coverage.Coverage.current()
+    if measuring is None:
+        return dict(os.environ)
+    return {
+        **os.environ,
+        "COVERAGE_PROCESS_START": str(REPO / "pyproject.toml"),
+        "COVERAGE_FILE": os.path.abspath(str(measuring.get_option("run:data_file"))),
+    }
+
+
 class ServeProcess:
     """An ``mpreqrep serve`` child process with its output collected line by line."""
 
@@ -101,6 +119,7 @@ class ServeProcess:
         self.process = subprocess.Popen(
             argv,
             cwd=cwd,
+            env=child_environment(),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -432,6 +451,7 @@ def test_bad_input_in_a_real_process(console_script: bool) -> None:
     result = subprocess.run(
         [*command, "serve", "no_such_module_here:Server"],
         cwd=REPO,
+        env=child_environment(),
         capture_output=True,
         text=True,
         timeout=60 * UNIT,
