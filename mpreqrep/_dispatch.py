@@ -111,6 +111,10 @@ class Dispatcher(abc.ABC):
     def submit(self, request: str) -> Future[str]:
         """Start handling one request and return the future of its reply."""
 
+    def begin_stop(self) -> None:  # noqa: B027 - most dispatchers have no graceful timeout
+        """The server was asked to stop (any thread): a dispatcher may start a
+        graceful timeout now; :meth:`shutdown` follows once the I/O loop drained."""
+
     def shutdown(self) -> None:  # noqa: B027 - most dispatchers own nothing
         """Release what the dispatcher owns, waiting for running handlers."""
 

@@ -100,6 +100,41 @@ class _Runtime:
         self.claimed = False  # start() or run() was called: a server serves once
         self.claim_lock = threading.Lock()
 
+    def claim(self, method: str) -> None:
+        """Mark the server as serving, or raise if it served before (any thread)."""
+        with self.claim_lock:
+            if self.claimed:
+                raise RuntimeError(
+                    f"{method}(): a server serves only once, and this one was started before"
+                )
+            self.claimed = True
+
+    def prepare(self, server: RequestServer, options: _Options) -> None:
+        """Build and start the dispatcher, then the I/O loop that feeds it."""
+        dispatcher = _make_dispatcher(server, options, self.executor)
+        dispatcher.on_failure(server._stop_with_failure)
+        dispatcher.start()
+        self.dispatcher = dispatcher
+        self.loop = IOLoop(
+            self.listener,
+            dispatcher,
+            read_timeout_s=options.read_timeout_s,
+            request_timeout_s=None if dispatcher.times_requests_out else options.request_timeout_s,
+            max_request_size=options.max_request_size,
+            max_pending=options.max_pending,
+            max_buffered_bytes=options.max_buffered_bytes,
+            on_accept=_print_accept if options.verbose else None,
+        )
+        if self.stop_requested:
+            self.request_stop()
+
+    def request_stop(self) -> None:
+        """Have the loop stop and the dispatcher begin its graceful timeout."""
+        self.stop_requested = True
+        if self.loop is not None and self.dispatcher is not None:
+            self.loop.request_stop()
+            self.dispatcher.begin_stop()
+
 
 class RequestServer(threading.Thread):
     """A request-reply server: subclass it and overload :meth:`handle_request`.
@@ -255,9 +290,10 @@ class RequestServer(threading.Thread):
                 server cannot be pickled for process workers). The listener
                 is closed then, so clients get ``NoServerError`` at once.
         """
-        runtime = self._claim("start")
+        runtime = self._require_runtime()
+        runtime.claim("start")
         with _released_on_failure(runtime):
-            self._prepare(runtime)
+            runtime.prepare(self, self._options)
             super().start()
 
     def run(self) -> None:
@@ -274,15 +310,15 @@ class RequestServer(threading.Thread):
         """
         runtime = self._require_runtime()
         if threading.current_thread() is not self:  # called directly, not through start()
-            self._claim("run")
+            runtime.claim("run")
             with _released_on_failure(runtime):
-                self._prepare(runtime)
+                runtime.prepare(self, self._options)
         assert runtime.loop is not None and runtime.dispatcher is not None
         logger.info("serving at %s", self.address)
         if self._options.verbose:
             _print_hosting(runtime.listener)
         try:
-            with self._ctrl_c_stops():
+            with _ctrl_c_stops(self.stop):
                 runtime.loop.serve()
         finally:
             runtime.dispatcher.shutdown()
@@ -298,11 +334,7 @@ class RequestServer(threading.Thread):
         trigger, works (see :mod:`mpreqrep._ioloop`). Idempotent; any thread,
         a handler included.
         """
-        runtime = self._require_runtime()
-        runtime.stop_requested = True
-        if runtime.loop is not None:
-            runtime.loop.request_stop()
-            _begin_stop(runtime.dispatcher)
+        self._require_runtime().request_stop()
 
     def resize(self, workers: int) -> None:
         """Process mode: keep ``workers`` worker processes from now on, while serving.
@@ -391,38 +423,6 @@ class RequestServer(threading.Thread):
         assert isinstance(dispatcher, ProcessPoolDispatcher)
         return dispatcher
 
-    def _claim(self, method: str) -> _Runtime:
-        """Mark the server as serving, or raise if it served before (any thread)."""
-        runtime = self._require_runtime()
-        with runtime.claim_lock:
-            if runtime.claimed:
-                raise RuntimeError(
-                    f"{method}(): a server serves only once, and this one was started before"
-                )
-            runtime.claimed = True
-        return runtime
-
-    def _prepare(self, runtime: _Runtime) -> None:
-        """Build and start the dispatcher, then the I/O loop that feeds it."""
-        options = self._options
-        dispatcher = _make_dispatcher(self, options, runtime.executor)
-        dispatcher.on_failure(self._stop_with_failure)
-        dispatcher.start()
-        runtime.dispatcher = dispatcher
-        runtime.loop = IOLoop(
-            runtime.listener,
-            dispatcher,
-            read_timeout_s=options.read_timeout_s,
-            request_timeout_s=None if dispatcher.times_requests_out else options.request_timeout_s,
-            max_request_size=options.max_request_size,
-            max_pending=options.max_pending,
-            max_buffered_bytes=options.max_buffered_bytes,
-            on_accept=_print_accept if options.verbose else None,
-        )
-        if runtime.stop_requested:
-            runtime.loop.request_stop()
-            _begin_stop(dispatcher)
-
     def _stop_with_failure(self, failure: BaseException) -> None:
         """The dispatcher cannot serve any more: remember why and stop (any thread)."""
         runtime = self._require_runtime()
@@ -430,27 +430,28 @@ class RequestServer(threading.Thread):
         logger.error("the server at %s stops: %s", self.address, failure)
         self.stop()
 
-    @contextlib.contextmanager
-    def _ctrl_c_stops(self) -> Iterator[None]:
-        """Make the first Ctrl-C call :meth:`stop`, in the main thread with the
-        default SIGINT handler in place (anywhere else, change nothing)."""
-        if (
-            threading.current_thread() is not threading.main_thread()
-            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
-        ):
-            yield
-            return
 
-        def stop_on_sigint(signum: int, frame: FrameType | None) -> None:
-            signal.signal(signal.SIGINT, signal.default_int_handler)  # the next one interrupts
-            logger.info("Ctrl-C: stopping after the requests in flight (again to interrupt)")
-            self.stop()
+@contextlib.contextmanager
+def _ctrl_c_stops(stop: Callable[[], None]) -> Iterator[None]:
+    """Make the first Ctrl-C call ``stop``, in the main thread with the default
+    SIGINT handler in place (anywhere else, change nothing)."""
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    ):
+        yield
+        return
 
-        signal.signal(signal.SIGINT, stop_on_sigint)
-        try:
-            yield
-        finally:
-            signal.signal(signal.SIGINT, signal.default_int_handler)
+    def stop_on_sigint(signum: int, frame: FrameType | None) -> None:
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # the next one interrupts
+        logger.info("Ctrl-C: stopping after the requests in flight (again to interrupt)")
+        stop()
+
+    signal.signal(signal.SIGINT, stop_on_sigint)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @contextlib.contextmanager
@@ -468,13 +469,6 @@ def _released_on_failure(runtime: _Runtime) -> Iterator[None]:
         if runtime.dispatcher is not None:
             runtime.dispatcher.shutdown()
         raise
-
-
-def _begin_stop(dispatcher: Dispatcher | None) -> None:
-    """Tell a process pool that stopping began (its graceful timeout starts)."""
-    begin_stop = getattr(dispatcher, "begin_stop", None)  # process mode only
-    if begin_stop is not None:
-        begin_stop()
 
 
 def _pop_async_alias(async_val: bool, kwargs: dict[str, Any]) -> bool:

@@ -480,7 +480,7 @@ def test_a_bug_reading_replies_replaces_only_that_worker(
     make: MakeDispatcher, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     dispatcher = make(Commands(), 1)
-    real_settle = dispatcher._settle
+    real_settle = dispatcher._links._settle
     broken = [True]
 
     def settle_once_broken(link: Any, payloads: list[bytes]) -> None:
@@ -488,7 +488,7 @@ def test_a_bug_reading_replies_replaces_only_that_worker(
             raise KeyError("bug")
         real_settle(link, payloads)
 
-    monkeypatch.setattr(dispatcher, "_settle", settle_once_broken)
+    monkeypatch.setattr(dispatcher._links, "_settle", settle_once_broken)
     assert isinstance(outcome(dispatcher.submit("echo:lost")), WorkerCrashError)
     assert "reading worker" in caplog.text
     assert outcome(dispatcher.submit("echo:next")) == "next"

@@ -19,12 +19,12 @@ import psutil
 import pytest
 
 import mpreqrep
-from mpreqrep._pool import PoolFailedError, PoolStartError, ProcessPoolDispatcher, _supervisor
+from mpreqrep._pool import PoolFailedError, PoolStartError, ProcessPoolDispatcher, _failures
 
 from .conftest import UNIT, running, wait_until
 from .ops_handlers import OpsServer
 from .pool_handlers import Commands, Ledger
-from .supervision_handlers import SUPERVISOR_THREAD, raise_and_wake, supervisor_thread
+from .supervision_handlers import raise_and_wake, supervisor_thread
 from .test_cli import ServeProcess, serve_cli, start
 from .test_operations import alive, request_in_thread, worker_pids
 
@@ -97,7 +97,7 @@ def test_passes_that_keep_failing_fail_the_pool_and_its_requests(
 ) -> None:
     """A broken selector (its epoll descriptor clobbered, as by a stray dup2) fails every
     pass: after the limit, the pool fails with the selector's error as the cause."""
-    monkeypatch.setattr(_supervisor, "FAILING_PASSES_LIMIT_S", 1.0 * UNIT)
+    monkeypatch.setattr(_failures, "FAILING_PASSES_LIMIT_S", 1.0 * UNIT)
     before = epoll_fds()
     dispatcher = ProcessPoolDispatcher(
         Commands(), 1, request_timeout_s=None, max_worker_memory=None
@@ -136,8 +136,12 @@ def test_a_failure_while_starting_is_a_pool_start_error(tmp_path: Path) -> None:
     calls: list[BaseException] = []
     dispatcher.on_failure(calls.append)
 
+    before = worker_socket_paths()
+
     def end_supervision_once_started() -> None:
-        assert wait_until(lambda: SUPERVISOR_THREAD in thread_names(), 30 * UNIT)
+        # Once the supervisor thread has accepted the worker's lifeline, it is done
+        # spawning (loky's spawn, say, must not be the code the exception lands in).
+        assert wait_until(lambda: accepted_sockets(before) >= 1, 30 * UNIT)
         raise_and_wake(supervisor_thread(), KeyboardInterrupt, lambda: dispatcher.resize(1))
 
     injector = threading.Thread(target=end_supervision_once_started)
@@ -149,8 +153,14 @@ def test_a_failure_while_starting_is_a_pool_start_error(tmp_path: Path) -> None:
     dispatcher.shutdown()
 
 
-def thread_names() -> set[str]:
-    return {thread.name for thread in threading.enumerate()}
+def accepted_sockets(before: set[str]) -> int:
+    """Connections a new pool's listener accepted in this process (its listener aside)."""
+    names = [
+        conn.laddr
+        for conn in psutil.Process().net_connections(kind="unix")
+        if conn.laddr and conn.laddr not in before and os.path.basename(conn.laddr) == "channels"
+    ]
+    return max(0, len(names) - 1)
 
 
 def test_serve_exits_1_with_one_line_when_supervision_ends(

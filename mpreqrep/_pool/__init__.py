@@ -10,10 +10,14 @@ a future of the reply text. One concern per module:
 - :mod:`._process`: one worker process: spawn (loky's process context),
   kill (psutil), describe; :mod:`._greeter`: the handshake of its connections;
 - :mod:`._supervisor`: the thread that keeps N processes alive, one at a
-  time, gunicorn-style (a table by pid), with back-off on failed starts;
-  :mod:`._loop`: that thread's selector loop;
-- :mod:`._backoff`: when to try a failed start again (sans I/O);
+  time, gunicorn-style; :mod:`._table`: its table by pid and counters;
+  :mod:`._loop`: its selector loop; :mod:`._starts`: the boot and failed
+  starts, with :mod:`._backoff` (sans I/O); :mod:`._failures`: its own errors,
+  survived or fatal;
+- :mod:`._turnover` (sans I/O) and :mod:`._operations`: rolling restarts,
+  recycling and resizing, one worker at a time; :mod:`._shutdown`: stopping;
 - :mod:`._requests`: the book, the futures and the channels behind one lock;
+  :mod:`._links`: which thread reads each worker's channel;
 - :mod:`._dispatcher`: the thin :class:`~mpreqrep._dispatch.Dispatcher`;
 - :mod:`._options`, :mod:`._errors`: ``workers="auto"``, range checks, errors.
 

@@ -17,20 +17,18 @@ from then on, so a reply never changes thread::
                        expire       ─▶ book.expire: those requests fail,
                                        their workers are killed
 
-The book, the futures and the channels' writes are behind one lock
-(:class:`~._requests.Requests`); no call into the supervisor is made while
-holding it, except :meth:`Supervisor.wake` and :meth:`Supervisor.flush_soon`,
-which take only the supervisor's own lock.
+Which thread reads each channel, and what its events do, is the business
+of :class:`~._links.Links`. The book, the futures and the channels' writes
+are behind one lock (:class:`~._requests.Requests`); no call into the
+supervisor is made while holding it, except :meth:`Supervisor.wake` and
+:meth:`Supervisor.flush_soon`, which take only the supervisor's own lock.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import random
-from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass
 from typing import Any
 
 from loky.backend.reduction import dumps as loky_dumps
@@ -38,22 +36,13 @@ from loky.backend.reduction import dumps as loky_dumps
 from .._channel import Channel
 from .._dispatch import Dispatcher, FailureCallback, Handler, LoopHooks
 from ._errors import PoolFailedError, PoolStartError
+from ._links import Links
 from ._options import check_options, check_recycling
 from ._process import WorkerProcess
-from ._requests import Requests
+from ._requests import Replies, Requests
 from ._supervisor import Supervisor
 
 logger = logging.getLogger("mpreqrep")
-
-
-@dataclass(eq=False)
-class _Link:
-    """A ready worker's channel and the thread that reads it (``host``)."""
-
-    worker: WorkerProcess
-    channel: Channel
-    host: LoopHooks
-    lost: bool = False
 
 
 class ProcessPoolDispatcher(Dispatcher):
@@ -121,8 +110,7 @@ class ProcessPoolDispatcher(Dispatcher):
             wake=self._supervisor.wake,
             flush_soon=self._supervisor.flush_soon,
         )
-        self._links: dict[int, _Link] = {}  # supervisor thread only
-        self._host: LoopHooks = self._supervisor
+        self._links = Links(self._requests, self._supervisor, self._on_settled)
         self._started = False
         self._on_failure: FailureCallback | None = None
 
@@ -224,18 +212,13 @@ class ProcessPoolDispatcher(Dispatcher):
 
     def worker_ready(self, worker: WorkerProcess) -> None:
         """A worker said hello: host its channel and give it requests."""
-        assert worker.channel is not None, "a ready worker has a channel"
-        link = self._links[worker.pid] = _Link(worker, worker.channel, self._host)
         if self._max_requests is not None:
             self._limits[worker.pid] = self._max_requests + random.randint(0, self._jitter)
-        self._requests.join(worker.pid, worker.channel)
-        self._add_reader(link)
+        self._links.add(worker)
 
     def worker_gone(self, worker: WorkerProcess) -> None:
         """A ready worker's process ended: on its channel's host, settle what it had."""
-        link = self._links.pop(worker.pid, None)
-        if link is not None:
-            self._on_host(link, functools.partial(self._end_link, link, drain=True))
+        self._links.gone(worker)
 
     def expire(self, now: float) -> list[int]:
         """Fail the requests that ran past the timeout; returns their workers' pids."""
@@ -255,9 +238,7 @@ class ProcessPoolDispatcher(Dispatcher):
 
     def retire_worker(self, worker: WorkerProcess) -> None:
         """Send a worker no more requests; close its channel once it is idle."""
-        link = self._links.get(worker.pid)
-        if link is not None and self._requests.retire(worker.pid):
-            self._on_host(link, functools.partial(self._close_channel, link))
+        self._links.retire(worker)
 
     def abandon(self) -> None:
         """Fail every request taken and refuse new ones: the graceful timeout passed."""
@@ -265,20 +246,11 @@ class ProcessPoolDispatcher(Dispatcher):
 
     def release(self) -> None:
         """Close every channel on its host: the workers exit."""
-        for link in list(self._links.values()):
-            self._on_host(link, functools.partial(self._close_channel, link))
+        self._links.release()
 
     def rehost(self, host: LoopHooks) -> None:
         """Move every channel to ``host``; the old host no longer reads them."""
-        old, self._host = self._host, host
-        for link in self._links.values():
-            if link.lost:  # its end of stream came; its process is not reaped yet
-                continue
-            if old is self._supervisor:
-                self._supervisor.remove_reader(link.channel)
-            link.host = host
-            if not link.channel.closed:  # a retired worker's: nothing more to read
-                self._add_reader(link)
+        self._links.rehost(host)
 
     def flush(self, channel: Channel) -> bool:
         """Write a channel's unsent bytes; whether some still wait."""
@@ -292,75 +264,18 @@ class ProcessPoolDispatcher(Dispatcher):
 
     # -- the host's side (the thread that reads a channel) ------------------------------------
 
-    def _on_readable(self, link: _Link) -> None:
-        """A worker sent replies, or its channel ended."""
-        if link.lost:
-            return
-        try:
-            payloads = link.channel.receive()
-            if payloads is None:  # the worker is gone; its process is reaped soon
-                self._end_link(link, drain=False)
-            else:
-                self._settle(link, payloads)
-        except Exception:
-            logger.exception("reading worker %d's replies failed; replacing it", link.worker.pid)
-            self._end_link(link, drain=False)
-
-    def _settle(self, link: _Link, payloads: list[bytes]) -> None:
-        """Settle a worker's replies; close its channel once it retired and is idle."""
-        replies = self._requests.settle(link.worker.pid, payloads)
+    def _on_settled(self, worker: WorkerProcess, replies: Replies) -> None:
+        """A worker's replies were settled: recycle it if it reached a limit (once)."""
         if replies.retiring:
-            logger.info("worker %d reached max_worker_memory; recycling it", link.worker.pid)
-            self._supervisor.recycle_soon(link.worker.pid)
-        self._recycle_if_due(link.worker.pid)
-        if replies.retired:
-            self._close_channel(link)
-
-    def _end_link(self, link: _Link, *, drain: bool) -> None:
-        """The worker is gone: read what it sent, fail its running request, resend the rest."""
-        while drain and not link.lost and (payloads := link.channel.receive()):
-            self._settle(link, payloads)
-        if link.lost:
-            return
-        link.lost = True
-        link.host.remove_reader(link.channel)
-        self._requests.lose(link.worker.pid)
-        if not drain:  # the end of stream came first: make sure the process ends too
-            self._supervisor.call_soon(lambda: link.worker.kill("crashed"))
-
-    def _recycle_if_due(self, pid: int) -> None:
-        """Have the supervisor recycle a worker that served its ``max_requests`` (once)."""
-        limit = self._limits.get(pid)
-        if limit is not None and self._requests.served(pid) >= limit:
-            del self._limits[pid]
-            logger.info("worker %d served %d requests; recycling it", pid, limit)
-            self._supervisor.recycle_soon(pid)
-
-    def _close_channel(self, link: _Link) -> None:
-        """Stop reading a channel and close it: its worker exits (host thread)."""
-        link.host.remove_reader(link.channel)
-        self._requests.close(link.channel)
+            logger.info("worker %d reached max_worker_memory; recycling it", worker.pid)
+            self._supervisor.recycle_soon(worker.pid)
+        limit = self._limits.get(worker.pid)
+        if limit is not None and self._requests.served(worker.pid) >= limit:
+            del self._limits[worker.pid]
+            logger.info("worker %d served %d requests; recycling it", worker.pid, limit)
+            self._supervisor.recycle_soon(worker.pid)
 
     # -- helpers ---------------------------------------------------------------------------
-
-    def _add_reader(self, link: _Link) -> None:
-        """Have the link's host read its channel (supervisor thread)."""
-        reader = functools.partial(self._on_readable, link)
-        host = link.host
-        if host is self._supervisor:
-            host.add_reader(link.channel, reader)
-            return
-
-        def watch() -> None:
-            if not (link.lost or link.channel.closed):
-                host.add_reader(link.channel, reader)
-
-        host.call_soon(watch)  # a loop that has ended hands the links back (rehost)
-
-    def _on_host(self, link: _Link, step: Callable[[], None]) -> None:
-        """Run ``step`` on the thread that reads the link (now, if that is this one)."""
-        if link.host is self._supervisor or not link.host.call_soon(step):
-            step()
 
     def _warn_if_memory_cap_is_too_low(self) -> None:
         """Warn when a fresh worker already uses ``max_worker_memory``."""

@@ -4,7 +4,8 @@ It offers the I/O loop's hooks (``call_soon``, ``add_reader``,
 ``remove_reader``; see :class:`~mpreqrep._dispatch.LoopHooks`), so a
 channel can be read on the supervisor thread until the I/O loop attaches,
 and the dispatcher treats both hosts alike. Callbacks registered with
-:meth:`SelectLoop.watch` receive the selector's event mask. Knows nothing
+:meth:`SelectLoop.watch` receive the selector's event mask. :class:`Flushes`
+keeps the channels whose socket did not take a whole write. Knows nothing
 of workers or requests.
 """
 
@@ -22,6 +23,29 @@ from typing import Any
 logger = logging.getLogger("mpreqrep")
 
 EventCallback = Callable[[int], None]
+
+
+class Flushes:
+    """The channels with bytes their socket did not take yet (thread-safe)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._waiting: set[Any] = set()
+
+    def add(self, channel: Any) -> None:
+        """Write ``channel``'s outbox on the next :meth:`flush` (any thread)."""
+        with self._lock:
+            self._waiting.add(channel)
+
+    def flush(self, write: Callable[[Any], bool]) -> bool:
+        """Call ``write`` on each waiting channel (it returns whether bytes still wait);
+        whether some channel still waits."""
+        with self._lock:
+            channels = list(self._waiting)
+        still = {channel for channel in channels if write(channel)}
+        with self._lock:
+            self._waiting -= set(channels) - still
+            return bool(self._waiting)
 
 
 class SelectLoop:
