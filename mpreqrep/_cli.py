@@ -693,7 +693,14 @@ def _exit_now(signum: int) -> NoReturn:
 
 
 def _hard_exit(code: int) -> NoReturn:
-    """Exit at once with ``code``, terminating the worker processes so none outlive us."""
+    """Exit at once with ``code``, terminating the worker processes so none outlive us.
+
+    Process-mode pools are told first, so that their supervisors start no
+    replacement for the workers killed here (nor a listener for them).
+    """
+    pool = sys.modules.get("mpreqrep._pool")  # never imported: no process-mode workers
+    if pool is not None:
+        pool.kill_every_worker()
     for child in multiprocessing.active_children():
         child.terminate()
     remove_socket_directories()

@@ -38,6 +38,7 @@ from ._errors import (
     WorkerStartError,
 )
 from ._options import resolve_worker_count
+from ._supervisor import kill_every_worker
 
 __all__ = [
     "HandlerTimeoutError",
@@ -46,5 +47,6 @@ __all__ = [
     "ProcessPoolDispatcher",
     "WorkerCrashError",
     "WorkerStartError",
+    "kill_every_worker",
     "resolve_worker_count",
 ]

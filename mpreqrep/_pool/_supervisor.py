@@ -421,8 +421,12 @@ class Supervisor(SelectLoop):
 
 
 @atexit.register
-def _kill_leftover_workers() -> None:
-    """At interpreter exit, kill the workers of pools never shut down (or
-    multiprocessing's own exit hook would wait for them for ever)."""
+def kill_every_worker() -> None:
+    """Kill the workers of every pool not shut down, and let none start another.
+
+    Runs at interpreter exit (or multiprocessing's own exit hook would wait for
+    them for ever), and before an ``os._exit`` that skips it: killing the workers
+    some other way first would let their supervisors start replacements.
+    """
     for supervisor in list(_live):
         supervisor.kill_all()
