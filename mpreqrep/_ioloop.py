@@ -189,7 +189,7 @@ class IOLoop(Reactor):
                     self._handle_event(key.data)
                 self._reply_completed()
                 self._expire_deadlines(time.monotonic())
-                self._run_calls()  # those queued on this thread during the pass
+                self._end_pass()  # the calls queued on this thread, once no event waits
         finally:
             self._close_everything()
 
@@ -209,7 +209,10 @@ class IOLoop(Reactor):
             log_failure(exc, "a reader callback on the I/O loop failed")
 
     def _select_timeout(self) -> float | None:
-        """Seconds until the next deadline (or accept back-off), ``None`` if none."""
+        """Seconds until the next deadline (or accept back-off), ``None`` if none;
+        0 while calls put off by the last pass wait."""
+        if self._calls:
+            return 0.0
         return select_timeout(self._acceptor.wakeup_time(), self._deadline_queues)
 
     def _expire_deadlines(self, now: float) -> None:

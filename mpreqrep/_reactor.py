@@ -17,9 +17,12 @@ Calls across threads::
                                     └────────────────────────▶ cb()
 
 A call queued on the I/O thread itself costs no wake-up byte and no lock: it
-runs at the end of the current pass (:meth:`Reactor._run_calls`, called by
-the loop after its other steps), before the loop waits again. A dispatcher
-uses that to gather a pass's writes into one (see :mod:`mpreqrep._pool`).
+runs at the end of a pass (:meth:`Reactor._end_pass`, called by the loop
+after its other steps) once no event is ready, or after
+:data:`MAX_GATHERED_PASSES` passes that found more, so the calls gather what
+a burst of events brings (as Netty's flush consolidation ends a read loop). A
+dispatcher uses that to gather its writes to a worker into one (see
+:mod:`mpreqrep._pool`): one hop per burst instead of one per pass.
 """
 
 from __future__ import annotations
@@ -39,6 +42,10 @@ if TYPE_CHECKING:
 logger = logging.getLogger("mpreqrep")
 
 WAKE_DRAIN_SIZE = 4096
+
+MAX_GATHERED_PASSES = 3
+"""Passes that found more events ready, after which the calls queued on the I/O thread
+run anyway (a bound on their delay under a steady stream of events)."""
 
 
 def log_failure(exc: BaseException, message: str, *args: object) -> None:
@@ -65,12 +72,13 @@ class Reactor:
         self._calls_lock = threading.Lock()
         self._calls_open = True
         self._loop_thread: int | None = None  # set by the loop as it starts serving
+        self._gathered_passes = 0
 
     def call_soon(self, callback: Callable[[], None]) -> bool:
         """Run ``callback`` on the I/O thread soon (any thread).
 
-        On the I/O thread it runs at the end of the current pass, without a
-        wake-up.
+        On the I/O thread it runs at the end of a pass (see :meth:`_end_pass`),
+        without a wake-up.
 
         Returns:
             ``False`` once the loop has stopped: the caller runs it itself.
@@ -116,9 +124,20 @@ class Reactor:
             pass
         self._run_calls()
 
-    def _run_calls(self) -> None:
-        """Run the queued callbacks, in order; one that fails is logged (I/O thread;
+    def _end_pass(self) -> None:
+        """Run the calls queued on this thread, unless more events are ready and fewer
+        than :data:`MAX_GATHERED_PASSES` passes have already put them off (I/O thread;
         the loop calls it at the end of every pass)."""
+        if not self._calls:
+            return
+        if self._gathered_passes < MAX_GATHERED_PASSES and self._selector.select(0):
+            self._gathered_passes += 1  # the next pass takes those events first
+            return
+        self._gathered_passes = 0
+        self._run_calls()
+
+    def _run_calls(self) -> None:
+        """Run the queued callbacks, in order; one that fails is logged (I/O thread)."""
         calls = self._calls
         while calls:
             try:

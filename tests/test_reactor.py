@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from mpreqrep._reactor import Reactor, log_failure
+from mpreqrep._reactor import MAX_GATHERED_PASSES, Reactor, log_failure
 
 
 def test_queued_calls_run_in_order_and_a_failing_one_is_logged(
@@ -42,7 +42,7 @@ def test_a_call_queued_on_the_loop_thread_costs_no_wake_up_and_runs_at_the_pass_
     ran: list[int] = []
     assert core.call_soon(lambda: ran.append(1))
     assert core._selector.select(0) == []  # no wake-up byte was written
-    core._run_calls()  # what the loop does at the end of each pass
+    core._end_pass()  # what the loop does at the end of each pass: nothing else is ready
     assert ran == [1]
     other = threading.Thread(target=core.call_soon, args=(lambda: ran.append(2),))
     other.start()
@@ -53,6 +53,29 @@ def test_a_call_queued_on_the_loop_thread_costs_no_wake_up_and_runs_at_the_pass_
     assert not core.call_soon(lambda: ran.append(3))  # closed, on the loop thread too
     core._close_selector()
     assert ran == [1, 2]
+
+
+def test_calls_queued_on_the_loop_thread_wait_while_events_keep_coming_up_to_a_bound() -> None:
+    core = Reactor()
+    core._watch_wakeups()
+    ran: list[int] = []
+    reader, writer = socket.socketpair()
+    with reader, writer:
+        core.add_reader(reader, lambda: None)
+        writer.send(b"x")  # an event is ready: the next pass takes it first
+        assert core.call_soon(lambda: ran.append(1))
+        for _ in range(MAX_GATHERED_PASSES):
+            core._end_pass()
+            assert ran == []
+        core._end_pass()  # put off long enough: it runs although events keep coming
+        assert ran == [1]
+        assert core.call_soon(lambda: ran.append(2))
+        reader.recv(1)  # nothing ready any more
+        core._end_pass()
+        assert ran == [1, 2]
+        core._end_pass()  # nothing queued: harmless
+    core._refuse_calls()
+    core._close_selector()
 
 
 def test_readers_are_added_and_removed_harmlessly() -> None:

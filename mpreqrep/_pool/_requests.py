@@ -10,10 +10,11 @@ which worker joined or was lost, and calls ``wake`` when a deadline comes
 due before the supervisor means to wake.
 
 Once the I/O loop serves (:meth:`Requests.send_once_per_pass`), what its
-thread submits and settles is sent at the end of its pass, in one top-up:
-one write per worker per pass, made just before the loop waits again, and
-workers still busy get their next requests before they run dry (so they
-read them without sleeping). Everywhere else a request goes out at once::
+thread submits and settles is sent at the end of a pass, in one top-up: one
+write per worker, made once no event waits (at the latest a few passes on,
+see :mod:`mpreqrep._reactor`), just before the loop waits again; workers
+still busy get their next requests before they run dry (so they read them
+without sleeping). Everywhere else a request goes out at once::
 
     I/O thread: submit ─▶ book.queue ─┐         settle ─▶ book.settle
                                       ▼                     │
