@@ -547,7 +547,7 @@ class _Supervisor:
         self._graceful_timeout_s = graceful_timeout_s
         self._serving = threading.Event()
         self._ended = threading.Event()
-        self._failure: Exception | None = None
+        self._failure: BaseException | None = None
 
     def serve_until_stopped(self) -> int:
         """Serve until a shutdown signal or the server's own end, then drain.
@@ -559,16 +559,17 @@ class _Supervisor:
             CliError: the server failed (``EXIT_ERROR``).
         """
         runner = threading.Thread(target=self._run_server, name="mpreqrep-cli-server")
-        runner.start()
-        signum = self._wait_for_shutdown()
-        if signum is not None:
-            logger.info(
-                "received %s: draining in-flight requests (again to exit at once)",
-                signal.Signals(signum).name,
-            )
-        self._server.stop()
-        self._wait_for_end()
-        runner.join()
+        with failures_of(self._server, self._record_failure):
+            runner.start()
+            signum = self._wait_for_shutdown()
+            if signum is not None:
+                logger.info(
+                    "received %s: draining in-flight requests (again to exit at once)",
+                    signal.Signals(signum).name,
+                )
+            self._server.stop()
+            self._wait_for_end()
+            runner.join()
         if self._failure is not None:
             raise CliError(f"server failed: {_one_line(self._failure)}{TRACEBACK_HINT}", EXIT_ERROR)
         if self._server.failure is not None:  # it stopped by itself: serving could not go on
@@ -584,11 +585,15 @@ class _Supervisor:
             self._signals.notify()
             self._server.join()
         except Exception as exc:
-            logger.debug("the server failed", exc_info=True)
-            self._failure = exc
+            self._record_failure(exc)
         finally:
             self._ended.set()
             self._signals.notify()
+
+    def _record_failure(self, exc: BaseException) -> None:
+        """Keep what made the server fail, for the exit code; its traceback goes to DEBUG."""
+        logger.debug("the server failed", exc_info=exc)
+        self._failure = exc
 
     def _wait_for_shutdown(self) -> int | None:
         """Carry out operation signals and log stats until a shutdown signal (its
@@ -630,6 +635,28 @@ class _Supervisor:
                 if signum in OPERATION_SIGNALS:
                     name = signal.Signals(signum).name
                     logger.warning("%s ignored: the server is stopping", name)
+
+
+@contextlib.contextmanager
+def failures_of(
+    thread: threading.Thread, record: Callable[[BaseException], None]
+) -> Iterator[None]:
+    """While the block runs, an exception that ends ``thread`` goes to ``record``
+    instead of a traceback on stderr (:func:`threading.excepthook`); other threads'
+    go to the hook that was there before, which is put back afterwards."""
+    previous = threading.excepthook
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        if args.thread is thread and args.exc_value is not None:
+            record(args.exc_value)
+        else:
+            previous(args)
+
+    threading.excepthook = hook
+    try:
+        yield
+    finally:
+        threading.excepthook = previous
 
 
 class _Schedule:

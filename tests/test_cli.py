@@ -552,6 +552,50 @@ def test_server_failure_in_process_is_exit_1(
     assert "server failed: " in err
 
 
+def test_server_thread_that_dies_after_serving_is_exit_1(
+    in_tmp_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The exception ends the server's own thread (not the runner's): it still makes
+    serve fail, on one line, without a traceback."""
+    (in_tmp_dir / "dying_here.py").write_text(
+        "from mpreqrep import RequestServer\n"
+        "class DyingServer(RequestServer):\n"
+        "    def run(self):\n"
+        "        self.stop()\n"
+        "        super().run()  # serves, and stops at once\n"
+        "        raise RuntimeError('serving broke')\n"
+    )
+    argv = ["serve", "dying_here:DyingServer", "--address", "127.0.0.1:0"]
+    code, out, err = run_main(argv, capsys)
+    assert code == _cli.EXIT_ERROR
+    assert out.startswith("mpreqrep: serving dying_here:DyingServer at ")
+    assert_one_clean_error_line(err)
+    assert "server failed: RuntimeError: serving broke" in err
+
+
+def test_failures_of_leaves_other_threads_to_the_previous_hook() -> None:
+    recorded: list[BaseException] = []
+    delegated: list[BaseException | None] = []
+    previous = threading.excepthook
+
+    def before(args: threading.ExceptHookArgs) -> None:
+        delegated.append(args.exc_value)
+
+    threading.excepthook = before
+    try:
+        watched = threading.Thread(target=lambda: 1 / 0)
+        other = threading.Thread(target=lambda: [][0])
+        with _cli.failures_of(watched, recorded.append):
+            for thread in (watched, other):
+                thread.start()
+                thread.join(10 * UNIT)
+        assert [type(exc) for exc in recorded] == [ZeroDivisionError]
+        assert [type(exc) for exc in delegated] == [IndexError]
+        assert threading.excepthook is before  # put back
+    finally:
+        threading.excepthook = previous
+
+
 def test_interrupted_request_is_exit_130(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
