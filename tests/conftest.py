@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from types import ModuleType
 from typing import Any
 
+import psutil
 import pytest
 
 import mpreqrep
@@ -128,3 +129,11 @@ def assert_exits_promptly(argv: list[str], within_s: float = 1 * UNIT) -> None:
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def alive(process: psutil.Process) -> bool:
+    """Whether a process runs (a zombie, waiting for init to reap it, does not)."""
+    try:
+        return bool(process.status() != psutil.STATUS_ZOMBIE)
+    except psutil.NoSuchProcess:
+        return False

@@ -10,12 +10,13 @@ import time
 import urllib.request
 from pathlib import Path
 
+import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import mpreqrep
 
-from .conftest import UNIT, wait_until
+from .conftest import UNIT, alive, wait_until
 from .test_cli import ServeProcess, serve_cli, start
 from .test_operations import load, request_in_thread
 
@@ -129,17 +130,25 @@ def test_sighup_reloads_the_code_one_worker_at_a_time(
     module.write_text(VERSIONED_MODULE.format(version="v2 (edited)"))  # another size too
     with load(address, clients=8) as clients:
         assert wait_until(lambda: len(clients.replies) >= 40, 30 * UNIT)
+        old_pids = {int(reply.split()[-1]) for reply in clients.replies if reply}
         child.send(signal.SIGHUP)
-
-        def replaced() -> bool:  # old workers serve v1: every one was replaced
-            recent = clients.replies[-16:]
-            new = [reply for reply in recent if reply and reply.startswith("v2 (edited) ")]
-            return len(new) == 16 and len({reply.split()[-1] for reply in new}) == 2
-
-        assert wait_until(replaced, 60 * UNIT)
+        # Done when every old worker has drained and exited (a retiring one may still
+        # answer what was queued on it after its replacement's first replies).
+        assert wait_until(lambda: not old_pids & worker_pids(child.process.pid), 60 * UNIT)
+        seen = len(clients.replies)
+        assert wait_until(lambda: len(clients.replies) >= seen + 32, 30 * UNIT)
     assert clients.failures() == 0, clients.errors
-    assert clients.replies[-1] and clients.replies[-1].startswith("v2 (edited) ")
+    recent = clients.replies[-16:]  # past any reply already on its way at the exit
+    assert all(reply and reply.startswith("v2 (edited) ") for reply in recent), recent
+    new_pids = {int(reply.split()[-1]) for reply in clients.replies[seen:] if reply}
+    assert len(new_pids) == 2 and not new_pids & old_pids
     assert child.stop() == 0
+
+
+def worker_pids(pid: int) -> set[int]:
+    """The pids of a process's live children (a zombie, not yet reaped, is not live)."""
+    children = psutil.Process(pid).children()
+    return {child.pid for child in children if alive(child)}
 
 
 def test_sigttin_adds_a_worker_and_sigttou_removes_one(serve_cli: list[ServeProcess]) -> None:

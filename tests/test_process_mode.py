@@ -17,7 +17,7 @@ import pytest
 
 import mpreqrep
 
-from .conftest import UNIT, running, wait_until
+from .conftest import UNIT, alive, running, wait_until
 from .process_handlers import PidServer, RaisingServer, SlowLedgerServer
 from .test_server import fire
 
@@ -247,8 +247,8 @@ def test_a_sigkilled_serve_leaves_no_descendant_and_no_socket_directory() -> Non
         serve.wait()
     killed_at = time.monotonic()
     assert len(family) >= 2
-    assert wait_until(lambda: not any(map(_alive, family)), 2.0), [
-        (child.pid, child.cmdline()) for child in family if _alive(child)
+    assert wait_until(lambda: not any(map(alive, family)), 2.0), [
+        (child.pid, child.cmdline()) for child in family if alive(child)
     ]
     print(f"no descendant left {time.monotonic() - killed_at:.3f} s after SIGKILL")
     assert directories and not any(os.path.exists(directory) for directory in directories)
@@ -268,14 +268,6 @@ def test_a_handler_that_fails_to_load_in_workers_is_one_line_from_serve() -> Non
 
 def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-
-
-def _alive(process: psutil.Process) -> bool:
-    """Whether a process runs (a zombie, waiting for init to reap it, does not)."""
-    try:
-        return bool(process.status() != psutil.STATUS_ZOMBIE)
-    except psutil.NoSuchProcess:
-        return False
 
 
 def _socket_directory(process: psutil.Process) -> str | None:
