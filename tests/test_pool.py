@@ -172,14 +172,38 @@ def test_each_worker_loads_one_copy_and_the_parent_pickles_once(make: MakeDispat
     assert Counting.pickled == 1  # requests carry text only
 
 
-def test_a_cancelled_future_s_reply_is_dropped_and_the_worker_goes_on(
+def test_a_request_sent_to_a_worker_cannot_be_cancelled_and_its_reply_arrives(
     make: MakeDispatcher,
 ) -> None:
     dispatcher = make(Commands(), 1)
     busy = dispatcher.submit("sleep:0.2")
-    assert dispatcher.submit("echo:dropped").cancel()
-    assert outcome(dispatcher.submit("echo:after")) == "after"
+    sent = dispatcher.submit("echo:sent")  # heavy until measured: two go to a worker
+    assert busy.running() and sent.running()
+    assert not busy.cancel() and not sent.cancel()
+    assert outcome(sent) == "sent"
     assert not isinstance(outcome(busy), BaseException)
+
+
+def test_cancelled_waiting_requests_never_run_and_the_others_run_once(
+    make: MakeDispatcher, tmp_path: Path
+) -> None:
+    ledger = tmp_path / "ledger"
+    dispatcher = make(Ledger(str(ledger)), 1)
+    busy = dispatcher.submit(f"busy/sleep:{0.3 * UNIT}")
+    sent = dispatcher.submit("sent/echo:sent")  # the worker's second slot
+    waiting = {tag: dispatcher.submit(f"{tag}/echo:{tag}") for tag in "abcdefgh"}
+    assert not any(future.running() for future in waiting.values())
+    assert dispatcher.stats()["waiting"] == len(waiting)
+    cancelled = {tag for tag in "bceh" if waiting[tag].cancel()}
+    assert cancelled == set("bceh")  # none could have been sent: the worker is busy
+    kept = {tag: future for tag, future in waiting.items() if tag not in cancelled}
+    assert {tag: outcome(future) for tag, future in kept.items()} == {tag: tag for tag in kept}
+    assert outcome(sent) == "sent" and not isinstance(outcome(busy), BaseException)
+    assert ledger_runs(ledger) == Counter(["busy", "sent", *kept])  # each once, none cancelled
+    stats = dispatcher.stats()
+    assert (stats["in_flight"], stats["waiting"], stats["cancelled"]) == (0, 0, len(cancelled))
+    assert dispatcher.is_idle()
+    assert all(waiting[tag].cancelled() for tag in cancelled)
 
 
 def test_submit_returns_a_plain_future_of_the_dispatcher(make: MakeDispatcher) -> None:

@@ -187,6 +187,42 @@ def test_shedding_takes_only_the_waiting_requests() -> None:
     assert book.is_idle()
 
 
+def test_a_request_no_longer_wanted_never_reaches_a_worker_and_leaves_the_book() -> None:
+    unwanted = {1, 3, 4}
+    asked: list[int] = []
+
+    def claim(request: int) -> bool:
+        asked.append(request)
+        return request not in unwanted
+
+    book = Book(claim=claim)
+    for request in range(6):
+        book.submit(request, 0.0)  # no worker yet: all wait
+    assert book.add_worker(10, 0.0) == [Send(10, (0, 2))]  # 1 is skipped, the next fills in
+    assert (book.in_flight(), book.waiting(), book.dropped) == (2, 3, 1)
+    book.settle(10, 0, 0.5, 0.0)
+    book.settle(10, 2, 0.5, 0.0)
+    assert book.top_up(0.0) == [Send(10, (5,))]  # 3 and 4 are skipped too
+    assert (book.in_flight(), book.waiting(), book.dropped) == (1, 0, 3)
+    book.settle(10, 5, 0.5, 0.0)
+    assert book.submit(4, 0.0) == []  # even with room, an unwanted one goes nowhere
+    assert book.is_idle() and book.dropped == 4
+    assert asked == [0, 1, 2, 3, 4, 5, 4]  # each asked once per hand-over
+
+
+def test_a_resent_request_is_claimed_again_and_dropped_if_unwanted_by_then() -> None:
+    wanted = {0, 1, 2}
+    book = Book(claim=wanted.__contains__)
+    book.add_worker(10, 0.0)
+    book.submit(0, 0.0)
+    book.submit(1, 0.0)
+    wanted.discard(1)  # its owner gave up on it after it was sent
+    loss = book.lose(10, 0.0)
+    assert (loss.running, loss.resent, loss.sends) == (0, (1,), ())
+    assert book.add_worker(11, 0.0) == []
+    assert book.is_idle() and book.dropped == 1
+
+
 def test_a_worker_cannot_join_twice() -> None:
     book = Book()
     book.add_worker(10, 0.0)

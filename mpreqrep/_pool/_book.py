@@ -23,12 +23,16 @@ memory cap, or doomed to be killed after a timeout)::
     settle(worker, id) ──▶ deliver it? the next one on that worker now runs
     top_up ──▶ Sends for the waiting requests, once per batch of replies
     lose(worker) ──▶ Loss(running=oldest id, resent=the rest, sends)
+
+A request is handed to a worker only once the caller's ``claim`` says it is
+still wanted (its owner may have given up on it while it waited): one that
+is not leaves the book there and then, and never reaches a worker.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
 MAX_BATCH_SIZE = 16
@@ -139,16 +143,22 @@ class Book:
     Args:
         timeout_s: seconds a request may run once it is its worker's oldest;
             ``None`` for no limit (then ``now`` arguments are ignored).
+        claim: asked whether a request is still wanted each time it is
+            handed to a worker (a resent one again); ``False`` drops it.
     """
 
-    def __init__(self, timeout_s: float | None = None) -> None:
+    def __init__(
+        self, timeout_s: float | None = None, claim: Callable[[int], bool] = lambda _: True
+    ) -> None:
         self._timeout_s = timeout_s
+        self._claim = claim
         self._slots: dict[int, _Slot] = {}
         self._waiting: deque[int] = deque()
         self._timed_out: set[int] = set()
         self.sizing = Sizing()
         self.resent = 0
         self.batches = 0
+        self.dropped = 0
 
     # -- workers ----------------------------------------------------------------------------
 
@@ -187,6 +197,8 @@ class Book:
         slot_id = None if self._waiting else self._least_busy(self.sizing.submit_depth())
         if slot_id is None:
             self._waiting.append(request)
+            return []
+        if not self._wanted(request):
             return []
         self._put(slot_id, (request,), now)
         return [Send(slot_id, (request,))]
@@ -321,8 +333,24 @@ class Book:
             if worker is None:
                 break
             room = depth - len(self._slots[worker].queue)
-            share = min(room, -(-len(self._waiting) // spread))  # ceil
-            batch = tuple(self._waiting.popleft() for _ in range(share))
-            self._put(worker, batch, now)
-            sends.append(Send(worker, batch))
+            batch = self._take(min(room, -(-len(self._waiting) // spread)))  # ceil
+            if batch:
+                self._put(worker, batch, now)
+                sends.append(Send(worker, batch))
         return sends
+
+    def _take(self, count: int) -> tuple[int, ...]:
+        """Up to ``count`` waiting requests that are still wanted, oldest first."""
+        batch: list[int] = []
+        while self._waiting and len(batch) < count:
+            request = self._waiting.popleft()
+            if self._wanted(request):
+                batch.append(request)
+        return tuple(batch)
+
+    def _wanted(self, request: int) -> bool:
+        """Whether the caller still wants ``request`` sent; one it does not leaves the book."""
+        if self._claim(request):
+            return True
+        self.dropped += 1
+        return False

@@ -191,6 +191,7 @@ class ProcessPoolDispatcher(Dispatcher):
             ``crashed`` (requests lost with their worker), ``timed_out``,
             ``shed`` (requests failed because no worker could start),
             ``resent`` (requests moved off a lost worker, never run twice),
+            ``cancelled`` (requests whose future was cancelled before they were sent),
             ``batches`` (frames of requests sent), ``in_flight``,
             ``waiting``, ``recycled``, the supervisor's ``workers_wanted``,
             ``workers_alive``, ``workers_starting``, ``restarts_<cause>``

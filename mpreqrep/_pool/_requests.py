@@ -14,7 +14,9 @@ thread submits and settles is sent at the end of a pass, in one top-up: one
 write per worker, made once no event waits (at the latest a few passes on,
 see :mod:`mpreqrep._reactor`), just before the loop waits again; workers
 still busy get their next requests before they run dry (so they read them
-without sleeping). Everywhere else a request goes out at once::
+without sleeping). Everywhere else a request goes out at once. A request's future is marked
+running as the request is handed to a worker; one cancelled before that is
+never sent (as with an executor's call that had not started)::
 
     I/O thread: submit ─▶ book.queue ─┐         settle ─▶ book.settle
                                       ▼                     │
@@ -76,7 +78,7 @@ class Requests:
         self._wake = wake
         self._flush_soon = flush_soon
         self._lock = threading.Lock()
-        self._book = Book(timeout_s)
+        self._book = Book(timeout_s, self._claim)
         self._pending: dict[int, _Pending] = {}
         self._channels: dict[int, Channel] = {}
         self._ids = itertools.count()
@@ -259,6 +261,7 @@ class Requests:
             figures: dict[str, Any] = {
                 **self._counts,
                 "resent": book.resent,
+                "cancelled": book.dropped,
                 "batches": book.batches,
                 "in_flight": book.in_flight(),
                 "waiting": book.waiting(),
@@ -277,6 +280,15 @@ class Requests:
             self._wake()
 
     # -- helpers (the lock held) --------------------------------------------------------
+
+    def _claim(self, request_id: int) -> bool:
+        """Mark a request's future running as the book hands it to a worker (it may be
+        resent, running already); ``False``, and forget it, if it was cancelled."""
+        future = self._pending[request_id].future
+        if future.running() or future.set_running_or_notify_cancel():
+            return True
+        del self._pending[request_id]
+        return False
 
     def _gathering(self) -> bool:
         """Whether this thread's requests wait for the end of its loop's pass (the
