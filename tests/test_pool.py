@@ -473,9 +473,12 @@ def test_with_no_worker_alive_a_failed_start_fails_the_waiting_requests(
     dispatcher = make(FailsToLoad(str(marker), hard=True), 1)
     marker.touch()
     crashed, stranded = dispatcher.submit("exit"), dispatcher.submit("echo")
+    given_up = dispatcher.submit("echo")  # waits behind the two on the worker
+    assert given_up.cancel()
     assert isinstance(outcome(crashed), WorkerCrashError)
     assert isinstance(outcome(stranded), WorkerStartError)
-    assert dispatcher.stats()["shed"] == 1
+    assert dispatcher.stats()["shed"] == 1  # the cancelled one is not counted as failed
+    assert given_up.cancelled()
     marker.unlink()
     assert outcome(dispatcher.submit("echo")) == "loaded"  # healed: requests wait for it
 

@@ -206,7 +206,8 @@ class Requests:
     def shed(self) -> None:
         """Fail the waiting requests: no worker is alive and none could start."""
         with self._lock:
-            shed = [self._pending.pop(rid) for rid in self._book.shed_waiting()]
+            taken = [self._pending.pop(rid) for rid in self._book.shed_waiting()]
+            shed = [entry for entry in taken if not entry.future.cancelled()]
             self._counts["shed"] += len(shed)
         if shed:
             logger.error("no worker could start: %d waiting requests fail", len(shed))
@@ -350,7 +351,7 @@ def _resolve(future: Future[str], outcome: Outcome) -> None:
     if error is None:
         try:  # noqa: SIM105 - no context manager per reply on the I/O thread
             future.set_result(outcome.reply)
-        except InvalidStateError:  # its owner gave up on it (cancelled)
+        except InvalidStateError:  # its owner finished it (a plain Future lets anyone)
             pass
         return
     if not isinstance(error, Exception):  # never hand the I/O loop a SystemExit
