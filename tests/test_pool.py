@@ -27,6 +27,7 @@ from mpreqrep._pool import (
     ProcessPoolDispatcher,
     WorkerCrashError,
     WorkerStartError,
+    _book,
     _requests,
     _supervisor,
     resolve_worker_count,
@@ -386,6 +387,23 @@ def test_thousands_of_requests_one_at_a_time_all_come_back(make: MakeDispatcher)
     dispatcher = make(Echo("e:"), 1)
     for index in range(3 * 2000):
         assert outcome(dispatcher.submit(f"{index}"), 10 * UNIT) == f"e:{index}"
+
+
+def test_a_light_handler_s_requests_are_not_packed_behind_one_that_turned_slow(
+    make: MakeDispatcher, tmp_path: Path
+) -> None:
+    """Light requests are packed on the busiest worker, but not on one whose running
+    request has taken longer than STALLED_S: they go to the other worker meanwhile."""
+    ledger = tmp_path / "ledger"
+    dispatcher = make(Ledger(str(ledger)), 2)
+    assert [outcome(dispatcher.submit(f"w{i}/echo:w")) for i in range(50)] == ["w"] * 50
+    slow = dispatcher.submit(f"slow/sleep:{5 * UNIT}")
+    assert wait_until(lambda: "slow" in ledger_runs(ledger), 10 * UNIT)
+    started = time.monotonic()
+    assert wait_until(lambda: time.monotonic() - started > 2 * _book.STALLED_S, 1.0)
+    futures = [dispatcher.submit(f"e{i}/echo:{i}") for i in range(40)]
+    assert [outcome(future) for future in futures] == [str(i) for i in range(40)]
+    assert not slow.done()  # all forty were answered while the slow one still ran
 
 
 # -- crashes: one worker at a time ------------------------------------------------------

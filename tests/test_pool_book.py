@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from mpreqrep._pool._book import HEAVY_DEPTH, MAX_BATCH_SIZE, Book, Loss, Send, Sizing
+from mpreqrep._pool._book import HEAVY_DEPTH, MAX_BATCH_SIZE, STALLED_S, Book, Loss, Send, Sizing
 
 
 def light(book: Book) -> None:
@@ -76,6 +76,28 @@ def test_a_light_handler_s_requests_are_packed_on_the_busiest_worker_with_room()
     sends = book.top_up(0.0)  # the busy one up to its depth, the rest to the other
     assert [len(send.request_ids) for send in sends] == [MAX_BATCH_SIZE - 4, 4]
     assert sends[0].worker == busy and sends[1].worker != busy
+
+
+def test_nothing_is_packed_behind_a_light_handler_s_request_that_stalls() -> None:
+    book = Book()
+    light(book)
+    book.add_worker(10, 0.0)
+    book.add_worker(11, 0.0)
+    book.submit(0, 0.0)  # turns out slow
+    slow = next(worker for worker in book.workers() if book.running(worker) == 0)
+    other = 21 - slow
+    book.queue(1)
+    assert book.top_up(STALLED_S / 2) == [Send(slow, (1,))]  # not stalled yet: packed
+    book.queue(2)
+    book.queue(3)
+    assert book.top_up(2 * STALLED_S) == [Send(other, (2, 3))]  # stalled: the idle one
+    assert book.settle(other, 2, 0.00001, 2 * STALLED_S).deliver  # 3 starts there now
+    book.queue(4)
+    assert book.top_up(2.5 * STALLED_S) == [Send(other, (4,))]  # the busiest not stalled
+    book.queue(5)
+    assert book.top_up(10.0) == []  # both stall: it waits for the first to answer
+    book.settle(slow, 0, 10.0, 10.0)
+    assert book.top_up(10.0) == [Send(slow, (5,))]  # its next request just started
 
 
 def test_a_heavy_handler_s_queued_requests_are_shared_out_evenly() -> None:

@@ -47,6 +47,10 @@ LIGHT_HANDLER_S = 0.001
 HANDLER_TIME_SMOOTHING = 0.2
 """Weight of the newest reply in the moving average of the handler time."""
 
+STALLED_S = 0.01
+"""A light handler's worker whose running request has taken longer than this gets no
+more requests packed behind it (they would wait for it while another worker idles)."""
+
 
 class Send(NamedTuple):
     """Requests to write to one worker, in this order, as one frame."""
@@ -120,10 +124,11 @@ class Sizing:
 class _Slot:
     """One worker's queue: ``queue[0]`` runs, the rest wait in its socket."""
 
-    __slots__ = ("deadline", "doomed", "queue", "retiring", "served")
+    __slots__ = ("deadline", "doomed", "queue", "retiring", "running_since", "served")
 
     def __init__(self) -> None:
         self.queue: deque[int] = deque()
+        self.running_since = 0.0
         self.deadline: float | None = None
         self.retiring = False
         self.doomed = False
@@ -134,6 +139,10 @@ class _Slot:
         """Whether the worker takes new requests."""
         return not (self.retiring or self.doomed)
 
+    def stalled(self, now: float) -> bool:
+        """Whether its running request has taken longer than :data:`STALLED_S`."""
+        return bool(self.queue) and now - self.running_since > STALLED_S
+
 
 class Book:
     """Which request is waiting, which runs on which worker, and what to send next.
@@ -142,7 +151,7 @@ class Book:
 
     Args:
         timeout_s: seconds a request may run once it is its worker's oldest;
-            ``None`` for no limit (then ``now`` arguments are ignored).
+            ``None`` for no limit.
         claim: asked whether a request is still wanted each time it is
             handed to a worker (a resent one again); ``False`` drops it.
     """
@@ -222,6 +231,7 @@ class Book:
         deliver = request not in self._timed_out
         self._timed_out.discard(request)
         slot.deadline = self._deadline(now) if slot.queue and not slot.doomed else None
+        slot.running_since = now
         self.sizing.observe(elapsed_s)
         return Settled(deliver, slot.retiring and not slot.queue)
 
@@ -290,6 +300,7 @@ class Book:
         slot = self._slots[worker]
         if not slot.queue:
             slot.deadline = self._deadline(now)
+            slot.running_since = now
         slot.queue.extend(requests)
         self.batches += 1
 
@@ -302,12 +313,13 @@ class Book:
                 best, best_load = worker, len(slot.queue)
         return best
 
-    def _busiest(self, depth: int) -> int | None:
-        """The usable worker with the most requests, if it has fewer than ``depth``."""
+    def _busiest(self, depth: int, now: float) -> int | None:
+        """The usable worker with the most requests, if it has fewer than ``depth``,
+        leaving out those whose running request stalls."""
         best: int | None = None
         best_load = -1
         for worker, slot in self._slots.items():
-            if slot.usable and best_load < len(slot.queue) < depth:
+            if slot.usable and best_load < len(slot.queue) < depth and not slot.stalled(now):
                 best, best_load = worker, len(slot.queue)
         return best
 
@@ -318,7 +330,10 @@ class Book:
         worker first. A light handler's are packed: the busiest worker with
         room takes as many as fit, so a light load keeps one worker reading
         without sleeping instead of waking several (the hop, not the handler,
-        is the cost); the others take what does not fit.
+        is the cost); the others take what does not fit. A worker whose
+        running request has taken longer than :data:`STALLED_S` takes none:
+        what is packed behind a request that turned out slow waits for it, so
+        they wait here instead, for the next worker that answers.
 
         Returns:
             What to send to which worker.
@@ -327,9 +342,8 @@ class Book:
         light = self.sizing.is_light()
         depth = self.sizing.depth()
         spread = 1 if light else sum(slot.usable for slot in self._slots.values())
-        pick = self._busiest if light else self._least_busy
         while self._waiting:
-            worker = pick(depth)
+            worker = self._busiest(depth, now) if light else self._least_busy(depth)
             if worker is None:
                 break
             room = depth - len(self._slots[worker].queue)

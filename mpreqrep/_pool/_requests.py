@@ -314,8 +314,8 @@ class Requests:
                 self._flush_soon(channel)
 
     def _now(self) -> float:
-        """The clock, read only when deadlines are kept."""
-        return 0.0 if self._timeout_s is None else time.monotonic()
+        """The clock the book's deadlines and stall checks count on."""
+        return time.monotonic()
 
     def _deadline_moved(self) -> bool:
         """Whether a deadline is due before the supervisor means to wake."""
