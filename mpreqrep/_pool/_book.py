@@ -47,9 +47,10 @@ LIGHT_HANDLER_S = 0.001
 HANDLER_TIME_SMOOTHING = 0.2
 """Weight of the newest reply in the moving average of the handler time."""
 
-STALLED_S = 0.01
-"""A light handler's worker whose running request has taken longer than this gets no
-more requests packed behind it (they would wait for it while another worker idles)."""
+STALLED_S = 2 * LIGHT_HANDLER_S
+"""A light handler's worker whose running request has taken longer than this (twice
+what counts as light) gets no more requests packed behind it: they would wait for it
+while another worker idles."""
 
 
 class Send(NamedTuple):
