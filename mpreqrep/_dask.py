@@ -30,11 +30,14 @@ from typing import Any
 
 from ._dispatch import Handler
 from ._remote import RemoteDispatcher
+from ._threads import DaemonThreadExecutor
 
 logger = logging.getLogger("mpreqrep")
 
 DASK_CONNECT_TIMEOUT_S = 30.0
 SUBSCRIPTION_POLL_S = 0.05
+FETCH_THREADS = 8
+"""Threads that fetch finished tasks' results, off Dask's single callback thread."""
 
 
 class DaskDispatcher(RemoteDispatcher):
@@ -72,6 +75,7 @@ class DaskDispatcher(RemoteDispatcher):
         self._copies_by_id: dict[str, str] = {}  # copy id -> worker address
         self._copies_lock = threading.Lock()
         self._subscribed = threading.Event()
+        self._fetcher = DaemonThreadExecutor(FETCH_THREADS, thread_name_prefix="mpreqrep-fetch")
 
     def start(self) -> None:
         """Connect, and put a copy of the server on every worker, now and on joining.
@@ -127,6 +131,7 @@ class DaskDispatcher(RemoteDispatcher):
         self._withdraw_plugin()
         super().shutdown()
         self._close_own_client()
+        self._fetcher.shutdown(wait=False)
 
     def _close_own_client(self) -> None:
         """Close the client the dispatcher opened itself, if it did."""
@@ -175,7 +180,7 @@ class DaskDispatcher(RemoteDispatcher):
         if status != "running":
             raise ConnectionError(f"the Dask client is {status!r}: no scheduler to submit to")
         task = (run_on_worker, self._plugin_name, call.request)
-        return _submit_to_dask(self._client, task, {"pure": False})
+        return _submit_to_dask(self._client, task, {"pure": False}, self._fetcher)
 
     def _reply_text(self, result: Any) -> str:
         """The task's result is the reply itself (copies are counted from events)."""
@@ -183,13 +188,20 @@ class DaskDispatcher(RemoteDispatcher):
         return text
 
 
-def _submit_to_dask(client: Any, call: tuple[Any, ...], options: dict[str, Any]) -> Future[Any]:
+def _submit_to_dask(
+    client: Any, call: tuple[Any, ...], options: dict[str, Any], fetcher: Executor
+) -> Future[Any]:
     """``client.submit(*call, **options)`` as a concurrent future, cancellable both ways.
 
     Not through Dask's ``ClientExecutor``: its future stays pending for ever
     when fetching a finished result fails (the worker holding it died and the
     recomputation was killed too; distributed 2026.8 raises ``KilledWorker``
     there instead of passing it on). Here any error fails the future.
+
+    The result is fetched on ``fetcher``, not in the done callback: Dask runs
+    every future's callbacks on one thread, and fetching from a worker that
+    just died can block it for the 30 s of a connection timeout, holding up
+    every other request's outcome (a crash's retry started 30 s late).
     """
     task = client.submit(*call, **options)
     attempt: Future[Any] = Future()
@@ -198,16 +210,19 @@ def _submit_to_dask(client: Any, call: tuple[Any, ...], options: dict[str, Any])
         if done.cancelled():
             task.cancel()
 
-    def settle(finished: Any) -> None:  # on a thread of the Dask client
-        if finished.status == "cancelled":  # e.g. the scheduler went away
-            attempt.cancel()
-            return
+    def fetch(finished: Any) -> None:  # on a fetcher thread
         if not attempt.set_running_or_notify_cancel():
             return  # cancelled meanwhile
         try:
             attempt.set_result(finished.result())
         except BaseException as exc:
             attempt.set_exception(exc)
+
+    def settle(finished: Any) -> None:  # on Dask's callback thread
+        if finished.status == "cancelled":  # e.g. the scheduler went away
+            attempt.cancel()
+            return
+        fetcher.submit(fetch, finished)
 
     attempt.add_done_callback(cancel_task)
     task.add_done_callback(settle)

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
-from concurrent.futures import Executor, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -291,12 +291,33 @@ def test_cli_serves_on_the_cluster_with_dask_option(cluster: Any) -> None:
         assert process.wait(timeout=60 * UNIT) == 0
 
 
-class FakeTask:
-    """Stands in for a ``distributed.Future`` whose result fetch fails."""
+class InlineExecutor(Executor):
+    """Runs each call at once, in the caller's thread."""
 
-    def __init__(self, status: str, error: BaseException | None = None) -> None:
+    def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> Future[Any]:
+        future: Future[Any] = Future()
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except BaseException as exc:
+            future.set_exception(exc)
+        return future
+
+
+INLINE = InlineExecutor()
+
+
+class FakeTask:
+    """Stands in for a ``distributed.Future``; its result fetch may fail or wait."""
+
+    def __init__(
+        self,
+        status: str,
+        error: BaseException | None = None,
+        fetched: threading.Event | None = None,
+    ) -> None:
         self.status = status
         self.error = error
+        self.fetched = fetched
         self.cancelled = False
         self.callbacks: list[Any] = []
 
@@ -304,6 +325,8 @@ class FakeTask:
         self.callbacks.append(callback)
 
     def result(self) -> str:
+        if self.fetched is not None:
+            assert self.fetched.wait(30 * UNIT)
         if self.error is not None:
             raise self.error
         return "reply"
@@ -326,25 +349,41 @@ def test_a_result_that_cannot_be_fetched_fails_the_attempt_instead_of_hanging() 
     """distributed 2026.8's ClientExecutor left such a future pending for ever."""
     lost = FakeTask("finished", distributed.KilledWorker("task", None, 1))
     client = FakeClient(lost)
-    attempt = _dask._submit_to_dask(client, (len, "x"), {"pure": False})
+    attempt = _dask._submit_to_dask(client, (len, "x"), {"pure": False}, INLINE)
     assert client.submitted == [((len, "x"), {"pure": False})]
     (settle,) = lost.callbacks
     settle(lost)
     assert isinstance(attempt.exception(timeout=0), distributed.KilledWorker)
 
     finished = FakeTask("finished")
-    attempt = _dask._submit_to_dask(FakeClient(finished), (len,), {})
+    attempt = _dask._submit_to_dask(FakeClient(finished), (len,), {}, INLINE)
     finished.callbacks[0](finished)
     assert attempt.result(timeout=0) == "reply"
 
 
+def test_a_slow_fetch_does_not_hold_up_dask_s_callback_thread() -> None:
+    """Dask runs every future's callbacks on one thread: a fetch from a worker that
+    just died blocked it for 30 s, and another request's crash retry waited as long."""
+    fetched = threading.Event()
+    slow = FakeTask("finished", fetched=fetched)
+    fetcher = ThreadPoolExecutor(1)
+    try:
+        attempt = _dask._submit_to_dask(FakeClient(slow), (len,), {}, fetcher)
+        slow.callbacks[0](slow)  # returns at once: the fetch waits on the fetcher
+        assert not attempt.done()
+        fetched.set()
+        assert attempt.result(timeout=30 * UNIT) == "reply"
+    finally:
+        fetcher.shutdown()
+
+
 def test_cancelling_passes_both_ways_between_the_attempt_and_the_dask_task() -> None:
     task = FakeTask("pending")
-    attempt = _dask._submit_to_dask(FakeClient(task), (len,), {})
+    attempt = _dask._submit_to_dask(FakeClient(task), (len,), {}, INLINE)
     assert attempt.cancel() and task.cancelled
     task.callbacks[0](task)  # the task ends later: nothing more happens
     dropped = FakeTask("cancelled")
-    attempt = _dask._submit_to_dask(FakeClient(dropped), (len,), {})
+    attempt = _dask._submit_to_dask(FakeClient(dropped), (len,), {}, INLINE)
     dropped.callbacks[0](dropped)
     assert attempt.cancelled()
 
