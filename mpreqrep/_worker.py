@@ -22,8 +22,9 @@ worker is running: the oldest request it sent there and has no reply for.
 A worker that cannot load the handler says why (:class:`InitFailed`) on a
 connection of its own and exits with status 1, printing nothing.
 
-A worker whose RSS reaches the memory cap says it is retiring before its
-next reply, serves what the parent had already sent, and exits when the
+A worker whose RSS reaches the memory cap says so once, before its next
+reply, and serves on: the parent retires it through the same one-at-a-time
+path as a restart (once another worker serves), and it exits when the
 parent closes the channel. Whatever a handler raises, ``BaseException``
 included, and a reply that is not encodable text, become that request's
 error; the worker keeps serving.
@@ -93,7 +94,7 @@ class InitFailed(NamedTuple):
 
 
 class Retiring(NamedTuple):
-    """The worker reached the memory cap: send it nothing more."""
+    """The worker reached the memory cap: the parent is to recycle it."""
 
     pid: int
 
@@ -142,8 +143,8 @@ class _WorkerState:
                     for request_id, text in pickle.loads(payload):
                         reply = self.answer(request_id, text)
                         if not self.retiring and self.outgrew_memory_cap():
-                            # Before the reply, so the parent sends nothing more here
-                            # once this request is answered.
+                            # Said once, before the reply; the parent recycles this
+                            # worker when another one serves.
                             self.retiring = True
                             reply = encode_frame(Retiring(pid)) + reply
                         sock.sendall(reply)
