@@ -26,7 +26,7 @@ TYPE_CHECKING = False  # typing is not imported at run time (import cost, see RE
 if TYPE_CHECKING:
     from typing import Any, Protocol
 else:
-    Protocol = object  # Handler and LoopHooks are for type checkers only
+    Protocol = object  # Handler, TimerHandle and LoopHooks are for type checkers only
 
 
 class Handler(Protocol):
@@ -36,6 +36,13 @@ class Handler(Protocol):
         """Return the reply to one request."""
 
 
+class TimerHandle(Protocol):
+    """A callback set to run later on a loop's thread (see :meth:`LoopHooks.call_later`)."""
+
+    def cancel(self) -> None:
+        """Never run the callback (any thread); no effect once it has started."""
+
+
 class LoopHooks(Protocol):
     """What the I/O loop offers a dispatcher that reads replies itself (see
     :meth:`Dispatcher.attach`)."""
@@ -43,6 +50,12 @@ class LoopHooks(Protocol):
     def call_soon(self, callback: Callable[[], None]) -> bool:
         """Run ``callback`` on the I/O thread soon (any thread); ``False`` once the
         loop has stopped, when the caller must run it itself."""
+
+    def call_later(self, delay_s: float, callback: Callable[[], None]) -> TimerHandle:
+        """Run ``callback`` on the I/O thread once ``delay_s`` seconds have passed (any
+        thread; from another one it costs a wake-up). Timers due together run in the
+        order they were set; one set once the loop has stopped never runs. Raises
+        ``ValueError`` for a NaN delay."""
 
     def add_reader(self, fileobj: Any, callback: Callable[[], None]) -> None:
         """Call ``callback`` on the I/O thread whenever ``fileobj`` is readable

@@ -2,11 +2,13 @@
 
 Owns the loop itself: :meth:`IOLoop.serve` runs select, hands each ready
 socket to its step, replies for the futures that finished, expires
-deadlines, and closes everything when it ends. The steps live in their own
+deadlines, runs the timers that came due, and closes everything when it
+ends. The steps live in their own
 modules, one concern each, and this one only wires them together:
 
-- :mod:`mpreqrep._reactor`: the selector, the wake-up socketpair,
-  ``call_soon``, ``add_reader``/``remove_reader`` (the class this builds on);
+- :mod:`mpreqrep._reactor` (on :mod:`mpreqrep._loopcore`): the selector,
+  the wake-up socketpair, ``call_soon``, ``call_later``,
+  ``add_reader``/``remove_reader`` (the class this builds on);
 - :mod:`mpreqrep._acceptor`: the listener: accepting with back-off,
   pausing while there is no room, the stop linger and the backlog sweep;
 - :mod:`mpreqrep._connection`: each connection's state and its read,
@@ -83,7 +85,8 @@ class IOLoop(Reactor):
         on_accept: called with the peer address of each accepted connection.
 
     Thread safety: :meth:`serve` runs in one thread; :meth:`request_stop`,
-    :meth:`call_soon` and the future callbacks may come from any thread.
+    :meth:`call_soon`, :meth:`call_later` and the future callbacks may come
+    from any thread.
     """
 
     def __init__(
@@ -188,7 +191,9 @@ class IOLoop(Reactor):
                 for key, _ in self._selector.select(self._select_timeout()):
                     self._handle_event(key.data)
                 self._reply_completed()
-                self._expire_deadlines(time.monotonic())
+                now = time.monotonic()
+                self._expire_deadlines(now)
+                self._run_timers(now)
                 self._end_pass()  # the calls queued on this thread, once no event waits
         finally:
             self._close_everything()
@@ -209,11 +214,14 @@ class IOLoop(Reactor):
             log_failure(exc, "a reader callback on the I/O loop failed")
 
     def _select_timeout(self) -> float | None:
-        """Seconds until the next deadline (or accept back-off), ``None`` if none;
+        """Seconds until the next deadline, timer or accept back-off, ``None`` if none;
         0 while calls put off by the last pass wait."""
         if self._calls:
             return 0.0
-        return select_timeout(self._acceptor.wakeup_time(), self._deadline_queues)
+        wake_at, timer_at = self._acceptor.wakeup_time(), self._next_timer_at()
+        if timer_at is not None and (wake_at is None or timer_at < wake_at):
+            wake_at = timer_at
+        return select_timeout(wake_at, self._deadline_queues)
 
     def _expire_deadlines(self, now: float) -> None:
         """Drop the connections whose current phase ran out of time."""

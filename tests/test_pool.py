@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import functools
+import math
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -21,6 +23,7 @@ import psutil
 import pytest
 
 from mpreqrep._errors import HandlerReturnTypeError
+from mpreqrep._ioloop import IOLoop
 from mpreqrep._pool import (
     HandlerTimeoutError,
     PoolStartError,
@@ -127,7 +130,8 @@ def test_bad_worker_counts_are_value_errors(workers: Any) -> None:
 
 
 @pytest.mark.parametrize(
-    ("workers", "timeout_s", "max_rss"), [(0, None, None), (1, 0.0, None), (1, None, -5)]
+    ("workers", "timeout_s", "max_rss"),
+    [(0, None, None), (1, 0.0, None), (1, math.nan, None), (1, None, -5)],
 )
 def test_out_of_range_options_are_value_errors(
     workers: int, timeout_s: float | None, max_rss: int | None
@@ -505,16 +509,17 @@ def test_an_unexpected_error_in_supervision_is_logged_and_supervision_goes_on(
     make: MakeDispatcher, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     dispatcher = make(Commands(), 1)
-    real_expire = dispatcher.expire
+    operations = dispatcher._supervisor._operations
+    real_turn_over = operations.turn_over
     calls = []
 
-    def expire_once_broken(now: float) -> list[int]:
-        calls.append(now)
+    def turn_over_once_broken() -> None:
+        calls.append(None)
         if len(calls) == 1:
             raise KeyError("bug")
-        return real_expire(now)
+        real_turn_over()
 
-    monkeypatch.setattr(dispatcher, "expire", expire_once_broken)
+    monkeypatch.setattr(operations, "turn_over", turn_over_once_broken)
     dispatcher._supervisor.wake()
     assert wait_until(lambda: "supervision failed; it goes on" in caplog.text, 10 * UNIT)
     assert isinstance(outcome(dispatcher.submit("exit:1")), WorkerCrashError)
@@ -597,6 +602,146 @@ def test_a_batch_mate_finished_before_a_hung_request_is_not_timed_out(
     assert isinstance(hung, HandlerTimeoutError)
     assert (before, after) == ("before", "after")
     assert dispatcher.stats()["timed_out"] == 1
+
+
+class AttachedLoop:
+    """A real I/O loop serving in a thread, attached to a dispatcher, as a server's is.
+
+    Requests are submitted on the I/O thread (as the loop does); each future
+    records the name of the thread it ended on.
+    """
+
+    THREAD = "test-io-loop"
+
+    def __init__(self, dispatcher: ProcessPoolDispatcher) -> None:
+        listener = socket.create_server(("127.0.0.1", 0))
+        self.loop = IOLoop(
+            listener,
+            dispatcher,
+            read_timeout_s=10 * UNIT,
+            request_timeout_s=None,
+            max_request_size=1000,
+            max_pending=None,
+        )
+        self.ended_on: dict[int, str] = {}
+        self._dispatcher = dispatcher
+        self._thread = threading.Thread(target=self.loop.serve, name=self.THREAD, daemon=True)
+        self._thread.start()
+        assert wait_until(lambda: dispatcher._links._host is self.loop, 10 * UNIT)
+
+    def submit(self, *texts: str) -> list[Future[str]]:
+        """Submit ``texts`` in one pass of the loop (so they start together)."""
+        futures: list[Future[str]] = []
+        submitted = threading.Event()
+
+        def submit_all() -> None:
+            for text in texts:
+                future = self._dispatcher.submit(text)
+                future.add_done_callback(self._record)
+                futures.append(future)
+            submitted.set()
+
+        assert self.loop.call_soon(submit_all)
+        assert submitted.wait(10 * UNIT)
+        return futures
+
+    def stop(self) -> None:
+        self.loop.request_stop()
+        self._thread.join(10 * UNIT)
+        assert not self._thread.is_alive()
+
+    def _record(self, future: Future[str]) -> None:
+        self.ended_on[id(future)] = threading.current_thread().name
+
+
+def test_deadlines_due_together_fail_on_the_io_thread_and_kill_only_their_workers(
+    make: MakeDispatcher,
+) -> None:
+    dispatcher = make(Commands(), 3, timeout_s=1.0 * UNIT)
+    io = AttachedLoop(dispatcher)
+    try:
+        futures = io.submit("hang", "hang", "echo:bystander")  # one pass: one deadline
+        first, second, bystander = (outcome(future) for future in futures)
+        assert isinstance(first, HandlerTimeoutError) and isinstance(second, HandlerTimeoutError)
+        assert bystander == "bystander"
+        assert {io.ended_on[id(future)] for future in futures[:2]} == {AttachedLoop.THREAD}
+        assert wait_until(lambda: dispatcher.stats()["restarts_timed_out"] == 2, 10 * UNIT)
+        assert dispatcher.stats()["timed_out"] == 2
+        assert outcome(io.submit("echo:after")[0]) == "after"
+    finally:
+        io.stop()
+
+
+def test_a_deadline_due_while_the_io_loop_is_busy_fires_as_soon_as_it_is_free(
+    make: MakeDispatcher,
+) -> None:
+    dispatcher = make(Commands(), 1, timeout_s=0.3 * UNIT)
+    io = AttachedLoop(dispatcher)
+    release, holding = threading.Event(), threading.Event()
+    try:
+        (hung,) = io.submit("hang")
+        assert io.loop.call_soon(lambda: (holding.set(), release.wait(30 * UNIT)))
+        assert holding.wait(10 * UNIT)
+        assert not wait_until(hung.done, 1.0 * UNIT)  # the deadline's host is held up
+        release.set()
+        assert isinstance(outcome(hung, 5 * UNIT), HandlerTimeoutError)
+        assert io.ended_on[id(hung)] == AttachedLoop.THREAD
+    finally:
+        release.set()
+        io.stop()
+
+
+@pytest.mark.parametrize("stop_at", ["before", "at"])
+def test_a_deadline_handed_back_to_the_supervisor_at_stop_still_fails_its_request(
+    make: MakeDispatcher, stop_at: str
+) -> None:
+    timeout_s = 0.5 * UNIT
+    dispatcher = make(Commands(), 1, timeout_s=timeout_s)
+    io = AttachedLoop(dispatcher)
+    (hung,) = io.submit("hang")
+    # "at": the loop ends in the pass its deadline comes due, as the channels go home
+    io.loop.call_later(0.0 if stop_at == "before" else timeout_s, io.loop.request_stop)
+    io.stop()
+    assert io.loop._timers == []  # the ended loop keeps no timer
+    stopping = threading.Thread(target=dispatcher.shutdown)
+    stopping.start()
+    assert isinstance(outcome(hung, 10 * UNIT), HandlerTimeoutError)
+    stopping.join(30 * UNIT)
+    assert not stopping.is_alive()
+    threads = {AttachedLoop.THREAD, "mpreqrep-pool-supervisor"}
+    assert io.ended_on[id(hung)] in (threads if stop_at == "at" else threads - {io.THREAD})
+    assert dispatcher.stats()["timed_out"] == 1
+
+
+def test_stopping_with_the_deadline_timer_set_leaves_no_timer_behind(
+    make: MakeDispatcher,
+) -> None:
+    dispatcher = make(Commands(), 1, timeout_s=60 * UNIT)
+    io = AttachedLoop(dispatcher)
+    assert outcome(io.submit("echo:a")[0]) == "a"
+    assert len(io.loop._timers) == 1  # set for the request's deadline, a minute on
+    io.stop()
+    assert io.loop._timers == []
+    dispatcher.shutdown()
+    assert dispatcher._supervisor._timers == []
+    assert dispatcher.stats()["timed_out"] == 0
+
+
+@pytest.mark.parametrize("timeout_s", [1e300, math.inf])
+def test_a_huge_or_infinite_timeout_never_fires_and_supervision_goes_on(
+    make: MakeDispatcher, timeout_s: float, caplog: pytest.LogCaptureFixture
+) -> None:
+    dispatcher = make(Commands(), 1, timeout_s=timeout_s)
+    for index in range(3):  # the supervisor hosts the timer: its waits are capped
+        assert outcome(dispatcher.submit(f"echo:{index}")) == str(index)
+        dispatcher._supervisor.wake()
+    io = AttachedLoop(dispatcher)
+    try:
+        assert outcome(io.submit("echo:io")[0]) == "io"  # the I/O loop's are too
+    finally:
+        io.stop()
+    assert "failed" not in caplog.text
+    assert dispatcher.stats()["timed_out"] == 0
 
 
 # -- memory -----------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""The pool's requests and channels behind one lock: sends gathered once per loop pass.
+"""The pool's requests and channels behind one lock: sends gathered once per loop pass,
+and the deadline timer on the channels' host.
 
 A real channel over a socketpair stands in for a worker: the test reads the
 frames it gets and writes its replies, so no process is needed.
@@ -14,9 +15,11 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from mpreqrep._channel import Channel, FrameReader, encode_frame
+from mpreqrep._pool._errors import HandlerTimeoutError
 from mpreqrep._pool._requests import Requests
 
 from .conftest import UNIT
+from .test_pool_expiry import RecordingHost
 
 pytestmark = pytest.mark.timeout(30 * UNIT)
 
@@ -46,7 +49,9 @@ def worker_end() -> Iterator[tuple[Requests, socket.socket]]:
     """Requests with one worker joined, and the worker's end of its channel."""
     parent, worker = socket.socketpair()
     worker.setblocking(False)  # the test only reads what is there
-    requests = Requests(None, wake=lambda: None, flush_soon=lambda channel: None)
+    requests = Requests(
+        None, host=EndOfPass(), flush_soon=lambda channel: None, kill=lambda pids: None
+    )
     requests.join(PID, Channel(parent))
     yield requests, worker
     requests.fail_all("test over")
@@ -135,3 +140,99 @@ def test_other_threads_and_a_loop_that_has_ended_send_at_once(
     settle_all(requests, reply(worker, 0))
     assert frames_waiting(worker) == [[(1, "b")]]
     assert loop.calls == []
+
+
+# -- the deadline timer -----------------------------------------------------------------
+
+TIMEOUT_S = 5.0
+
+
+class Clock:
+    """The time the requests' book reads; the test moves it."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def timed() -> Iterator[
+    tuple[Requests, RecordingHost, list[list[int]], Clock, list[socket.socket]]
+]:
+    """Requests with a timeout, three workers joined, a recorded host and kills."""
+    host, kills, clock = RecordingHost(), [], Clock()
+    requests = Requests(TIMEOUT_S, host=host, flush_soon=lambda channel: None, kill=kills.append)
+    requests._now = clock  # type: ignore[method-assign]
+    pairs = [socket.socketpair() for _ in range(3)]
+    for pid, (parent, worker) in enumerate(pairs, start=PID):
+        worker.setblocking(False)
+        requests.join(pid, Channel(parent))
+    yield requests, host, kills, clock, [worker for _, worker in pairs]
+    requests.fail_all("test over")
+    for parent, worker in pairs:
+        parent.close()
+        worker.close()
+
+
+def test_requests_past_their_deadline_fail_together_and_their_workers_are_killed_once(
+    timed: tuple[Requests, RecordingHost, list[list[int]], Clock, list[socket.socket]],
+) -> None:
+    requests, host, kills, clock, _ = timed
+    assert host.timers == []  # nothing runs: no timer
+    futures = [requests.submit(text) for text in "abc"]  # one on each worker, same deadline
+    assert len(host.timers) == 1  # one timer for all of them
+    clock.now += TIMEOUT_S - 0.001
+    host.timers[0].callback()  # early (a clock step, say): nothing expired, set again
+    assert not any(future.done() for future in futures) and kills == []
+    assert len(host.timers) == 2 and host.live() == host.timers[1:]
+    clock.now += 0.001
+    host.timers[1].callback()
+    assert all(isinstance(future.exception(timeout=0), HandlerTimeoutError) for future in futures)
+    assert kills == [[PID, PID + 1, PID + 2]]
+    assert requests.figures([])[0]["timed_out"] == 3
+    assert len(host.timers) == 2  # nothing else runs: not set again
+
+
+def test_the_timer_is_set_again_only_when_the_earliest_deadline_moves_earlier(
+    timed: tuple[Requests, RecordingHost, list[list[int]], Clock, list[socket.socket]],
+) -> None:
+    requests, host, _, clock, workers = timed
+    for index in range(200):  # the hot path: a request comes and goes, time passes
+        future = requests.submit(f"r{index}")
+        clock.now += 0.001
+        pid = next(p for p, w in enumerate(workers, start=PID) if frames_waiting(w))
+        requests.settle(pid, FrameReader().feed(encode_frame((index, "ok", 0.01))))
+        assert future.result(timeout=0) == "ok"
+    assert len(host.timers) == 1  # set once, for the first request only
+    clock.now += TIMEOUT_S
+    host.timers[0].callback()  # stale: nothing runs any more, nothing to set
+    assert len(host.timers) == 1
+
+
+def test_a_joining_worker_s_first_requests_set_the_timer(
+    timed: tuple[Requests, RecordingHost, list[list[int]], Clock, list[socket.socket]],
+) -> None:
+    requests, host, _, _, _ = timed
+    for pid in (PID, PID + 1, PID + 2):
+        requests.lose(pid)
+    waiting = requests.submit("waits")
+    assert host.timers == []
+    parent, worker = socket.socketpair()
+    with parent, worker:
+        requests.join(PID + 3, Channel(parent))
+        assert len(host.live()) == 1 and not waiting.done()
+        requests.fail_all("test over")
+
+
+def test_rehosting_moves_the_timer_to_the_new_host(
+    timed: tuple[Requests, RecordingHost, list[list[int]], Clock, list[socket.socket]],
+) -> None:
+    requests, home, _, _, _ = timed
+    future = requests.submit("a")
+    io_loop = RecordingHost()
+    requests.rehost(io_loop)
+    assert home.live() == [] and len(io_loop.live()) == 1
+    home.timers[0].callback()  # it had started on the old host: it does nothing
+    assert not future.done()

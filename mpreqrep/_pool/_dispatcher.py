@@ -11,17 +11,18 @@ from then on, so a reply never changes thread::
     submit(text) ─▶ book.submit ─▶ Send ─▶ frame [(id, text), ...] ─▶ in order
     future ◀── book.settle ◀── reply frame ◀── channel readable ◀─────┘
                                  └─▶ top-up Sends (batching)
+    deadline timer (on the host) ─▶ book.expire: those requests fail ─▶
+                       kill_timed_out(pids) ─▶ supervisor thread: psutil kill
     supervisor thread: worker_ready ─▶ book.add_worker, host the channel
                        worker_gone  ─▶ on the host: drain, book.lose:
                                        running request fails, the rest resent
-                       expire       ─▶ book.expire: those requests fail,
-                                       their workers are killed
 
 Which thread reads each channel, and what its events do, is the business
 of :class:`~._links.Links`. The book, the futures and the channels' writes
-are behind one lock (:class:`~._requests.Requests`); no call into the
-supervisor is made while holding it, except :meth:`Supervisor.wake` and
-:meth:`Supervisor.flush_soon`, which take only the supervisor's own lock.
+are behind one lock (:class:`~._requests.Requests`); no call into another
+thread is made while holding it, except :meth:`Supervisor.flush_soon` and
+setting the deadline timer on another thread's loop, which take only that
+loop's own lock.
 """
 
 from __future__ import annotations
@@ -107,8 +108,9 @@ class ProcessPoolDispatcher(Dispatcher):
         self._supervisor = Supervisor(self, workers=workers, max_rss=max_worker_memory)
         self._requests = Requests(
             request_timeout_s,
-            wake=self._supervisor.wake,
+            host=self._supervisor,
             flush_soon=self._supervisor.flush_soon,
+            kill=self._supervisor.kill_timed_out,
         )
         self._links = Links(self._requests, self._supervisor, self._on_settled)
         self._started = False
@@ -221,14 +223,6 @@ class ProcessPoolDispatcher(Dispatcher):
         """A ready worker's process ended: on its channel's host, settle what it had."""
         self._links.gone(worker)
 
-    def expire(self, now: float) -> list[int]:
-        """Fail the requests that ran past the timeout; returns their workers' pids."""
-        return self._requests.expire(now)
-
-    def next_deadline(self, planned: float | None) -> float | None:
-        """The earliest request deadline; the supervisor wakes at the earlier of both."""
-        return self._requests.next_deadline(planned)
-
     def shed_waiting(self) -> None:
         """Fail the waiting requests: no worker is alive and none could start."""
         self._requests.shed()
@@ -250,8 +244,13 @@ class ProcessPoolDispatcher(Dispatcher):
         self._links.release()
 
     def rehost(self, host: LoopHooks) -> None:
-        """Move every channel to ``host``; the old host no longer reads them."""
+        """Move every channel, and the deadline timer, to ``host``; the old host no
+        longer reads them."""
         self._links.rehost(host)
+
+    def take_back(self) -> None:
+        """Host the channels on the supervisor again if the I/O loop has ended."""
+        self._links.take_back()
 
     def flush(self, channel: Channel) -> bool:
         """Write a channel's unsent bytes; whether some still wait."""

@@ -4,7 +4,9 @@ A channel is read by one host for as long as it is read: the supervisor's
 loop (*home*) until the I/O loop attaches, the I/O loop from then on, and
 home again if the I/O loop ends first at shutdown (:meth:`Links.rehost`).
 Every step on a channel (settling its replies, closing it, settling its
-loss) runs on its host's thread, so a reply never changes thread::
+loss) runs on its host's thread, so a reply never changes thread; the timer
+of the request deadlines moves with the channels, so a timeout fails its
+request on that thread too::
 
     add(worker)     ─▶ requests.join, the host reads its channel
     readable        ─▶ requests.settle ─▶ settled(worker, replies)
@@ -12,6 +14,8 @@ loss) runs on its host's thread, so a reply never changes thread::
     end of stream / gone(worker) ─▶ drain, requests.lose: its running request
                        fails, the rest go to other workers
     retire / release ─▶ close the channel once idle: the worker exits
+    take_back()     ─▶ the I/O loop has ended: rehost(home)
+    rehost(host)    ─▶ each channel and the deadline timer move to host
 
 Knows nothing of processes beyond a worker's pid and ``kill``, nor of the
 supervisor's table.
@@ -87,9 +91,16 @@ class Links:
         for link in list(self._links.values()):
             self._on_host(link, functools.partial(self._close_channel, link))
 
+    def take_back(self) -> None:
+        """Host the channels at home again if their host has ended (stopping)."""
+        if self._host is not self._home and not self._host.call_soon(lambda: None):
+            self.rehost(self._home)
+
     def rehost(self, host: LoopHooks) -> None:
-        """Move every channel to ``host``; the old host no longer reads them."""
+        """Move every channel, and the deadline timer, to ``host``; the old host no
+        longer reads them."""
         old, self._host = self._host, host
+        self._requests.rehost(host)
         for link in self._links.values():
             if link.lost:  # its end of stream came; its process is not reaped yet
                 continue

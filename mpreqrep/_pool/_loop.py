@@ -1,24 +1,27 @@
-"""The supervisor thread's event loop: a selector, a wake-up socket, queued calls.
+"""The supervisor thread's event loop: a selector, a wake-up socket, queued calls, timers.
 
-It offers the I/O loop's hooks (``call_soon``, ``add_reader``,
-``remove_reader``; see :class:`~mpreqrep._dispatch.LoopHooks`), so a
-channel can be read on the supervisor thread until the I/O loop attaches,
-and the dispatcher treats both hosts alike. Callbacks registered with
-:meth:`SelectLoop.watch` receive the selector's event mask. :class:`Flushes`
-keeps the channels whose socket did not take a whole write. Knows nothing
-of workers or requests.
+It offers the I/O loop's hooks (``call_soon``, ``call_later``,
+``add_reader``, ``remove_reader``; see :class:`~mpreqrep._dispatch.LoopHooks`),
+so a channel, and the timer of the requests' deadlines, can live on the
+supervisor thread until the I/O loop attaches, and the dispatcher treats
+both hosts alike. The calls and timers are :class:`~mpreqrep._loopcore.LoopCore`'s,
+shared with the I/O loop. Callbacks registered with :meth:`SelectLoop.watch`
+receive the selector's event mask. :class:`Flushes` keeps the channels whose
+socket did not take a whole write. Knows nothing of workers or requests.
 """
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import logging
 import selectors
-import socket
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
+
+from .._deadlines import MAX_SELECT_TIMEOUT_S
+from .._loopcore import LoopCore
 
 logger = logging.getLogger("mpreqrep")
 
@@ -48,37 +51,23 @@ class Flushes:
             return bool(self._waiting)
 
 
-class SelectLoop:
-    """A selector loop run by one thread, with thread-safe :meth:`call_soon` and :meth:`wake`.
+class SelectLoop(LoopCore):
+    """A selector loop run by one thread, with thread-safe :meth:`call_soon`,
+    :meth:`call_later` and :meth:`wake`.
 
-    Thread safety: :meth:`call_soon` and :meth:`wake` from any thread; the
-    rest from the loop's thread.
+    Thread safety: :meth:`call_soon`, :meth:`call_later` and :meth:`wake`
+    from any thread; the rest from the loop's thread (which calls
+    ``_bind_thread`` as it starts, so that its own timers need no wake-up).
     """
 
     def __init__(self) -> None:
-        self._selector = selectors.DefaultSelector()
-        self._wake_reader, self._wake_writer = socket.socketpair()
-        self._wake_reader.setblocking(False)
-        self._wake_writer.setblocking(False)
-        self._selector.register(self._wake_reader, selectors.EVENT_READ, self._drain_wake)
-        self._calls: collections.deque[Callable[[], None]] = collections.deque()
-        self._calls_lock = threading.Lock()
-        self._accepting_calls = True
+        super().__init__()
+        self.add_reader(self._wake_reader, self._drain_wake)
         self._loop_closed = False
-
-    def call_soon(self, callback: Callable[[], None]) -> bool:
-        """Run ``callback`` on the loop's thread soon; ``False`` once the loop has closed."""
-        with self._calls_lock:
-            if not self._accepting_calls:
-                return False
-            self._calls.append(callback)
-        self.wake()
-        return True
 
     def wake(self) -> None:
         """Make the loop's wait return (any thread)."""
-        with contextlib.suppress(OSError):  # full (a wake-up is pending) or closed
-            self._wake_writer.send(b"\0")
+        self._wake_nowait()
 
     def add_reader(self, fileobj: Any, callback: Callable[[], None]) -> None:
         """Call ``callback`` whenever ``fileobj`` is readable."""
@@ -93,47 +82,40 @@ class SelectLoop:
         """Call ``callback(mask)`` whenever ``fileobj`` is readable."""
         self._selector.register(fileobj, selectors.EVENT_READ, callback)
 
+    def timer_wait_s(self, now: float) -> float | None:
+        """Seconds from ``now`` until the next timer is due, ``None`` if none is set."""
+        due = self._next_timer_at()
+        return None if due is None else due - now
+
     def run_once(self, timeout: float | None) -> bool:
-        """Wait up to ``timeout`` seconds and run the callback of every ready file.
+        """Wait up to ``timeout`` seconds (at most :data:`MAX_SELECT_TIMEOUT_S`), run the
+        callback of every ready file, then the timers that came due.
 
         Returns:
-            Whether a callback failed (each failure is logged, the others still run).
+            Whether a file's callback failed (each failure is logged, the others
+            still run; a failed queued call or timer is logged only).
         """
         failed = False
-        for key, mask in self._selector.select(timeout):
+        wait = None if timeout is None else min(timeout, MAX_SELECT_TIMEOUT_S)
+        for key, mask in self._selector.select(wait):
             try:
                 key.data(mask)
             except Exception:
                 logger.exception("process pool supervision failed; it goes on")
                 failed = True
+        self._run_timers(time.monotonic())
         return failed
 
     def close_loop(self) -> None:
-        """Refuse new calls, run the queued ones, close the selector and the wake-up socket."""
-        with self._calls_lock:
-            self._accepting_calls = False
-        self._run_calls()
+        """Refuse new calls, run the queued ones, drop the timers, close the selector
+        and the wake-up socket; idempotent."""
+        self._refuse_calls()
         if not self._loop_closed:
             self._loop_closed = True
-            self._selector.close()
-            self._wake_reader.close()
-            self._wake_writer.close()
+            self._close_selector()
 
-    def _drain_wake(self, mask: int) -> None:
-        """Empty the wake-up socket and run the callbacks queued by :meth:`call_soon`."""
-        with contextlib.suppress(BlockingIOError):
-            while self._wake_reader.recv(4096):
-                pass
-        self._run_calls()
-
-    def _run_calls(self) -> None:
-        """Run the queued callbacks in order; one that fails is logged."""
-        while True:
-            with self._calls_lock:
-                if not self._calls:
-                    return
-                callback = self._calls.popleft()
-            try:
-                callback()
-            except Exception:
-                logger.exception("process pool supervision failed; it goes on")
+    def _call_failed(self, exc: BaseException, kind: str) -> None:
+        """Log a queued call or timer that failed; a ``BaseException`` ends supervision."""
+        if not isinstance(exc, Exception):
+            raise exc
+        logger.error("%s on the supervisor thread failed; it goes on", kind, exc_info=exc)

@@ -49,7 +49,7 @@ def check_options(
     """
     if workers < 1:
         raise ValueError(f"workers must be at least 1, not {workers}")
-    if request_timeout_s is not None and request_timeout_s <= 0:
+    if request_timeout_s is not None and not request_timeout_s > 0:  # NaN too
         raise ValueError(f"request_timeout_s must be positive, not {request_timeout_s}")
     if max_worker_memory is not None and max_worker_memory <= 0:
         raise ValueError(f"max_worker_memory must be positive, not {max_worker_memory}")

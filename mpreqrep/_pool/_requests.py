@@ -5,9 +5,11 @@ futures, the request texts, the channel of each worker and the frames
 written to them. Frames are written while the lock is held, so the order
 in which the book hands requests to a worker is the order the worker reads
 them, whichever thread sends. Futures are resolved after the lock is
-released. Knows nothing of processes, hosts or the supervisor: it is told
-which worker joined or was lost, and calls ``wake`` when a deadline comes
-due before the supervisor means to wake.
+released. Knows nothing of processes or the supervisor: it is told which
+worker joined or was lost, and which loop hosts the channels, where the
+timer of the request deadlines runs (:class:`~._expiry.DeadlineTimer`):
+when it comes due, the requests past their deadline fail there and their
+workers' pids go to ``kill``.
 
 Once the I/O loop serves (:meth:`Requests.send_once_per_pass`), what its
 thread submits and settles is sent at the end of a pass, in one top-up: one
@@ -21,6 +23,9 @@ never sent (as with an executor's call that had not started)::
     I/O thread: submit ─▶ book.queue ─┐         settle ─▶ book.settle
                                       ▼                     │
                 end of pass: book.top_up ─▶ a frame per worker with room
+                                              (and the deadline timer, if it moved)
+    host thread, at the earliest deadline: book.expire ─▶ HandlerTimeoutError,
+                                              kill(their workers' pids)
 """
 
 from __future__ import annotations
@@ -35,9 +40,11 @@ from concurrent.futures import Future, InvalidStateError
 from typing import Any, NamedTuple
 
 from .._channel import Channel, encode_frame
+from .._dispatch import LoopHooks
 from .._worker import Outcome, Retiring
 from ._book import Book, Send
 from ._errors import HandlerTimeoutError, RemoteTraceback, WorkerCrashError, WorkerStartError
+from ._expiry import DeadlineTimer
 
 logger = logging.getLogger("mpreqrep")
 
@@ -63,20 +70,23 @@ class Requests:
 
     Args:
         timeout_s: the request timeout, or ``None``.
-        wake: wakes the supervisor (a deadline moved earlier).
+        host: the loop that hosts the channels first (the deadline timer runs there).
         flush_soon: asks the supervisor to send what a channel could not take.
+        kill: asks the supervisor to kill the workers (pids) whose request timed out.
     """
 
     def __init__(
         self,
         timeout_s: float | None,
         *,
-        wake: Callable[[], None],
+        host: LoopHooks,
         flush_soon: Callable[[Channel], None],
+        kill: Callable[[list[int]], None],
     ) -> None:
         self._timeout_s = timeout_s
-        self._wake = wake
         self._flush_soon = flush_soon
+        self._kill = kill
+        self._timer = DeadlineTimer(host, self._expire)
         self._lock = threading.Lock()
         self._book = Book(timeout_s, self._claim)
         self._pending: dict[int, _Pending] = {}
@@ -84,7 +94,6 @@ class Requests:
         self._ids = itertools.count()
         self._counts = dict.fromkeys(("crashed", "timed_out", "shed"), 0)
         self._refusal: str | None = None
-        self._wakes_at: float | None = None
         self._pass_thread: int | None = None
         self._at_end_of_pass: Callable[[Callable[[], None]], bool] | None = None
         self._top_up_due = False
@@ -108,14 +117,11 @@ class Requests:
                 self._pending[request_id] = _Pending(text, future)
                 if self._gathering():
                     self._book.queue(request_id)
-                    wake = False
                 else:
                     self._send(self._book.submit(request_id, self._now()))
-                    wake = self._deadline_moved()
+                    self._watch_deadline()
         if refusal is not None:
             future.set_exception(RuntimeError(refusal))
-        elif wake:
-            self._wake()
         return future
 
     # -- from a channel's host --------------------------------------------------------------
@@ -138,11 +144,9 @@ class Requests:
                 retired |= settled.retired
             if not (self._book.waiting() and self._gathering()):
                 self._send(self._book.top_up(now))
-            wake = self._deadline_moved()
+            self._watch_deadline()
         for future, outcome in resolved:
             _resolve(future, outcome)
-        if wake:
-            self._wake()
         return Replies(retiring, retired)
 
     def lose(self, pid: int) -> None:
@@ -156,14 +160,12 @@ class Requests:
             self._send(loss.sends)
             victim = None if loss.running is None else self._pending.pop(loss.running, None)
             self._counts["crashed"] += victim is not None
-            wake = self._deadline_moved()
+            self._watch_deadline()
         if victim is not None:
             logger.error("worker %d died running a request", pid)
             _fail(victim.future, WorkerCrashError("the worker process died running this request"))
         if loss.resent:
             logger.info("%d requests queued on worker %d go to others", len(loss.resent), pid)
-        if wake:
-            self._wake()
 
     def retire(self, pid: int) -> bool:
         """Send worker ``pid`` nothing more; whether it is idle (or gone) already."""
@@ -182,26 +184,12 @@ class Requests:
         with self._lock:
             self._channels[pid] = channel
             self._send(self._book.add_worker(pid, self._now()))
+            self._watch_deadline()
 
-    def expire(self, now: float) -> list[int]:
-        """Fail the requests that ran past the timeout; returns their workers' pids."""
-        if self._timeout_s is None:
-            return []
+    def rehost(self, host: LoopHooks) -> None:
+        """The channels moved to ``host``: the deadline timer runs there from now on."""
         with self._lock:
-            expired = [(pid, self._pending.pop(rid)) for pid, rid in self._book.expire(now)]
-            self._counts["timed_out"] += len(expired)
-        for pid, entry in expired:
-            logger.warning("a request ran past %s s in worker %d; killing it", self._timeout_s, pid)
-            _fail(entry.future, HandlerTimeoutError(f"handle_request ran past {self._timeout_s} s"))
-        return [pid for pid, _ in expired]
-
-    def next_deadline(self, planned: float | None) -> float | None:
-        """The earliest request deadline; the supervisor wakes at the earlier of both."""
-        with self._lock:
-            deadline = self._book.next_deadline()
-            times = [when for when in (planned, deadline) if when is not None]
-            self._wakes_at = min(times, default=None)
-        return deadline
+            self._timer.rehost(host, self._book.next_deadline())
 
     def shed(self) -> None:
         """Fail the waiting requests: no worker is alive and none could start."""
@@ -276,9 +264,23 @@ class Requests:
         with self._lock:
             self._top_up_due = False
             self._send(self._book.top_up(self._now()))
-            wake = self._deadline_moved()
-        if wake:
-            self._wake()
+            self._watch_deadline()
+
+    # -- on the channels' host, when the deadline timer comes due -------------------
+
+    def _expire(self, timer: int) -> None:
+        """Fail the requests that ran past the timeout and have their workers killed."""
+        with self._lock:
+            if not self._timer.fired(timer):  # cancelled as it came due: not ours any more
+                return
+            expired = [(pid, self._pending.pop(rid)) for pid, rid in self._book.expire(self._now())]
+            self._counts["timed_out"] += len(expired)
+            self._watch_deadline()
+        for pid, entry in expired:
+            logger.warning("a request ran past %s s in worker %d; killing it", self._timeout_s, pid)
+            _fail(entry.future, HandlerTimeoutError(f"handle_request ran past {self._timeout_s} s"))
+        if expired:
+            self._kill([pid for pid, _ in expired])
 
     # -- helpers (the lock held) --------------------------------------------------------
 
@@ -317,12 +319,10 @@ class Requests:
         """The clock the book's deadlines and stall checks count on."""
         return time.monotonic()
 
-    def _deadline_moved(self) -> bool:
-        """Whether a deadline is due before the supervisor means to wake."""
-        if self._timeout_s is None:
-            return False
-        deadline = self._book.next_deadline()
-        return deadline is not None and (self._wakes_at is None or deadline < self._wakes_at)
+    def _watch_deadline(self) -> None:
+        """Set the deadline timer again if the earliest deadline moved earlier."""
+        if self._timeout_s is not None:
+            self._timer.moved(self._book.next_deadline())
 
 
 def _decode(payload: bytes) -> Outcome | Retiring | None:

@@ -3,24 +3,28 @@
 In the manner of gunicorn's arbiter, it keeps ``workers`` processes alive:
 it spawns the missing ones (backing off while starts fail), greets the
 connections they make, reaps each one that ends and replaces it, kills the
-one whose request ran past its deadline and the one that does not start in
-time. Nobody else notices: the other workers keep serving meanwhile. What
-the requests on a worker become is the pool's business (:class:`PoolSide`,
-the dispatcher); the supervisor only tells it when a worker is ready or gone::
+one whose request ran past its deadline (when the channels' host says so)
+and the one that does not start in time. Nobody else notices: the other
+workers keep serving meanwhile. What the requests on a worker become is the
+pool's business (:class:`PoolSide`, the dispatcher); the supervisor only
+tells it when a worker is ready or gone::
 
     supervisor thread: select(listener, wake-up, sentinels, lifelines, greetings,
                               channels until the I/O loop takes them,
                               channels with unsent bytes,
-                              timeout = next deadline / start deadline / back-off)
+                              timeout = next timer / start deadline / back-off)
       ├─▶ listener: a worker connects ─▶ greet: Lifeline │ Hello │ InitFailed
       │     Hello ─▶ pool.worker_ready(worker)         (its channel joins the book)
       ├─▶ sentinel / lifeline EOF: a process ended ─▶ reap ─▶ pool.worker_gone(worker)
       │     (its running request fails, the rest go elsewhere) ─▶ spawn again
-      ├─▶ deadline passed ─▶ pool.expire() ─▶ psutil kill of that worker's tree
+      ├─▶ kill_timed_out(pids), queued by the deadline timer on the channels' host
+      │     ─▶ psutil kill of each worker's tree
       └─▶ fewer than wanted ─▶ spawn (all at once; one at a time while backing off)
 
-Until the I/O loop attaches, the supervisor also hosts the channels (it
-implements the loop's ``call_soon`` / ``add_reader`` / ``remove_reader``).
+Until the I/O loop attaches, and again once it has ended at shutdown, the
+supervisor also hosts the channels and the timer of the request deadlines
+(it implements the loop's ``call_soon`` / ``call_later`` / ``add_reader`` /
+``remove_reader``).
 The table and its counters are :class:`~._table.WorkerTable`'s (read from
 any thread); rolling restarts, recycling and resizing are carried out by
 :class:`~._operations.Operations`, stopping by :class:`~._shutdown.Shutdown`;
@@ -91,12 +95,6 @@ class PoolSide(Protocol):
     def worker_gone(self, worker: WorkerProcess) -> None:
         """A ready worker's process ended: settle what it had."""
 
-    def expire(self, now: float) -> list[int]:
-        """Fail the requests past their deadline; the pids of their workers."""
-
-    def next_deadline(self, planned: float | None) -> float | None:
-        """The earliest request deadline; remember that the supervisor wakes at ``planned``."""
-
     def shed_waiting(self) -> None:
         """No worker is alive and a start failed: fail the waiting requests."""
 
@@ -113,7 +111,11 @@ class PoolSide(Protocol):
         """Close every channel (shutting down, idle): the workers exit."""
 
     def rehost(self, host: LoopHooks) -> None:
-        """Move the channels to ``host`` (supervisor thread, the old host quiet)."""
+        """Move the channels and the deadline timer to ``host`` (supervisor thread,
+        the old host quiet)."""
+
+    def take_back(self) -> None:
+        """Host the channels here again if the I/O loop has ended (stopping)."""
 
     def fail(self, failure: PoolFailedError) -> None:
         """Supervision cannot continue: fail every request, refuse new ones, tell the server."""
@@ -131,8 +133,9 @@ class Supervisor(SelectLoop):
         max_rss: the memory cap handed to each worker, or ``None``.
 
     Thread safety: :meth:`start` and :meth:`stop` from the server's thread,
-    :meth:`call_soon`, :meth:`attach`, :meth:`flush_soon` and :meth:`stats`
-    from any thread; everything else runs on the supervisor thread.
+    :meth:`call_soon`, :meth:`call_later`, :meth:`attach`, :meth:`flush_soon`,
+    :meth:`kill_timed_out` and :meth:`stats` from any thread; everything else
+    runs on the supervisor thread.
     """
 
     def __init__(self, pool: PoolSide, *, workers: int, max_rss: int | None) -> None:
@@ -149,7 +152,6 @@ class Supervisor(SelectLoop):
         self._starts = Starts()
         self._failures = PassFailures()
         self._thread: threading.Thread | None = None
-        self._loop: LoopHooks | None = None
 
     # -- control (other threads) ------------------------------------------------------------
 
@@ -173,7 +175,7 @@ class Supervisor(SelectLoop):
 
     def attach(self, loop: LoopHooks) -> None:
         """Hand the channels to the I/O loop (it reads replies from now on)."""
-        self.call_soon(lambda: self._attach(loop))
+        self.call_soon(lambda: self._pool.rehost(loop))
 
     def stop(self) -> None:
         """Once the pool is idle, close the channels, end every worker and the thread."""
@@ -209,6 +211,11 @@ class Supervisor(SelectLoop):
         """The server is stopping: what still runs ``graceful_timeout_s`` from now is killed."""
         self.call_soon(functools.partial(self._shutdown.arm, time.monotonic() + graceful_timeout_s))
 
+    def kill_timed_out(self, pids: list[int]) -> None:
+        """Kill the workers ``pids``, whose request ran past its deadline (any thread;
+        the kill itself runs on the supervisor thread)."""
+        self.call_soon(functools.partial(self._table.kill, pids, "timed_out"))
+
     def flush_soon(self, channel: Channel) -> None:
         """Watch ``channel`` until its unsent bytes are out (any thread)."""
         self._flushes.add(channel)
@@ -227,6 +234,7 @@ class Supervisor(SelectLoop):
     def _run(self) -> None:
         """Tend the workers until stopping is asked and every worker has ended,
         or until supervision cannot continue."""
+        self._bind_thread()
         try:
             while not self._shutdown.finished():
                 self._guarded_pass()
@@ -269,10 +277,9 @@ class Supervisor(SelectLoop):
         """
         now = time.monotonic()
         self._shutdown.give_up_if_due(now)
-        self._table.kill(self._pool.expire(now), "timed_out")
         self._table.kill_slow_starters(now, WORKER_START_TIMEOUT_S)
         if self._shutdown.closing:
-            self._take_back_channels()
+            self._pool.take_back()  # once the I/O loop has ended
             if self._shutdown.wind_down(now, booting=self._starts.booting):
                 self._spawn_missing(now)  # a worker may die while requests still wait
             if self._shutdown.finished():
@@ -284,8 +291,9 @@ class Supervisor(SelectLoop):
         return self.run_once(self._timeout(now, flushing))
 
     def _timeout(self, now: float, flushing: bool) -> float | None:
-        """Seconds until something is due: a deadline, a start, a back-off, a kill."""
+        """Seconds until something is due: a timer, a start, a back-off, a kill."""
         planned = [
+            self.timer_wait_s(now),
             FLUSH_RETRY_S if flushing else None,
             self._starts.backoff.wait_s(now)
             if len(self._table) < self._operations.wanted
@@ -295,10 +303,6 @@ class Supervisor(SelectLoop):
             *self._shutdown.timeouts(now),
         ]
         due = [value for value in planned if value is not None]
-        soonest = min(due, default=None)
-        deadline = self._pool.next_deadline(None if soonest is None else now + soonest)
-        if deadline is not None:
-            due.append(deadline - now)
         return max(0.0, min(due)) if due else None
 
     def _spawn_missing(self, now: float) -> None:
@@ -327,18 +331,7 @@ class Supervisor(SelectLoop):
         if SENTINELS_SELECTABLE:
             self.watch(worker.sentinel, lambda mask: self._reap(worker))
 
-    def _take_back_channels(self) -> None:
-        """Host the channels again once the I/O loop has ended (stopping)."""
-        loop = self._loop
-        if loop is not None and not loop.call_soon(lambda: None):
-            self._loop = None
-            self._pool.rehost(self)
-
     # -- events (supervisor thread) -------------------------------------------------------
-
-    def _attach(self, loop: LoopHooks) -> None:
-        self._loop = loop
-        self._pool.rehost(loop)
 
     def _introduced(self, channel: Channel, message: Introduction) -> None:
         """A worker's connection said what it is: a lifeline, a hello, or why loading failed."""
