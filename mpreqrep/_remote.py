@@ -51,7 +51,7 @@ from concurrent.futures import (
     InvalidStateError,
     ThreadPoolExecutor,
 )
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
@@ -64,6 +64,19 @@ CRASHES_BEFORE_GIVING_UP = 2
 
 
 @dataclass(eq=False)
+class _Attempt:
+    """The attempt in flight for a :class:`_Call`, where the reply's cancellation goes.
+
+    Held apart from the call so that nothing makes a reference cycle once the
+    attempt is done: the reply future's callback holds this, not the call (which
+    holds the reply). A cycle would keep each finished reply, and its text, alive
+    until the garbage collector's next full pass, long after it was sent.
+    """
+
+    future: Future[Any] | None = None
+
+
+@dataclass(eq=False)
 class _Call:
     """One request on its way through the executor, across its attempts."""
 
@@ -72,7 +85,7 @@ class _Call:
     send_server: bool = False
     crashes: int = 0
     quarantined: bool = False
-    attempt: Future[Any] | None = None
+    current: _Attempt = field(default_factory=_Attempt)
 
 
 class RemoteDispatcher(Dispatcher):
@@ -117,7 +130,7 @@ class RemoteDispatcher(Dispatcher):
     def submit(self, request: str) -> Future[str]:
         """Send the request with the server's token; the future is the reply's."""
         call = _Call(request, Future())
-        call.reply.add_done_callback(partial(_cancel_attempt, call))
+        call.reply.add_done_callback(partial(_cancel_attempt, call.current))
         self._send(call)
         return call.reply
 
@@ -150,7 +163,7 @@ class RemoteDispatcher(Dispatcher):
         except BrokenExecutor:
             executor = self._replace_broken(executor)
             attempt = self._submit_call(executor, call)
-        call.attempt = attempt
+        call.current.future = attempt
         if call.reply.cancelled():
             attempt.cancel()
         attempt.add_done_callback(partial(self._on_attempt_done, call, executor))
@@ -167,6 +180,8 @@ class RemoteDispatcher(Dispatcher):
 
     def _on_attempt_done(self, call: _Call, executor: Executor, attempt: Future[Any]) -> None:
         """Settle the reply, or hand a miss or a crash to the helper thread."""
+        if call.current.future is attempt:  # done: nothing left to cancel, no cycle left
+            call.current.future = None
         if call.reply.done():  # given up by the request timeout
             self._leave_quarantine_soon(call)
             return
@@ -299,7 +314,8 @@ class RemoteDispatcher(Dispatcher):
             raise BrokenExecutor(f"the {kind} is broken and its replacement failed") from exc
 
 
-def _cancel_attempt(call: _Call, reply: Future[str]) -> None:
+def _cancel_attempt(current: _Attempt, reply: Future[str]) -> None:
     """Pass the I/O loop's cancellation (a request timeout) on to the attempt."""
-    if reply.cancelled() and call.attempt is not None:
-        call.attempt.cancel()
+    attempt = current.future
+    if reply.cancelled() and attempt is not None:
+        attempt.cancel()

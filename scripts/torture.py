@@ -90,10 +90,6 @@ NOREAD_GAP_S = 0.02  # between two clients that never read
 # A reply in flight may exist three times at once: as the pool's or executor's
 # bytes, as the handler's str, and as its encoding.
 COPIES_PER_REPLY = 3
-# Executor mode: a loky pool unpickles finished replies on its own thread and
-# keeps some of them alive for a while after they were sent (tracemalloc: up
-# to six 20 MiB replies, allocated in its result reader), out of the server's
-# reach. The noread row reports that mode's peak RSS without a bar.
 TCP_ENDED = frozenset({6, 7})  # TCP_INFO states TIME_WAIT and CLOSE
 # noread measures what the server holds through its RSS. glibc's default, a
 # dynamic mmap threshold, keeps freed multi-MiB blocks cached in every thread's
@@ -1539,9 +1535,7 @@ def noread(mode: str, scale: Scale) -> Result:
     if resets < len(stalled):
         problems.append(f"{len(stalled) - resets} dropped replies ended in a clean EOF")
     bar_note = f"bar {(bar - baseline) / MIB:.0f}"
-    if mode == "executor":  # see EXECUTOR_COPIES_UNBOUNDED
-        bar_note = "no bar: the executor's own copies of the replies are not the server's"
-    elif rss.peak > bar:
+    if rss.peak > bar:
         problems.append(f"the server's RSS grew {grown:.0f} MiB ({bar_note})")
     if lost:
         problems.append(f"lost: {loss_kinds(good)}")
