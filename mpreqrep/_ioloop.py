@@ -1,9 +1,9 @@
 """The acceptor thread: one selector loop that accepts, reads and replies.
 
 Owns the loop itself: :meth:`IOLoop.serve` runs select, hands each ready
-socket to its step, replies for the futures that finished, expires
-deadlines, runs the timers that came due, and closes everything when it
-ends. The steps live in their own
+socket to its step, runs the timers that came due, replies for the futures
+that finished (those a timer failed too), expires deadlines, and closes
+everything when it ends. The steps live in their own
 modules, one concern each, and this one only wires them together:
 
 - :mod:`mpreqrep._reactor` (on :mod:`mpreqrep._loopcore`): the selector,
@@ -190,10 +190,10 @@ class IOLoop(Reactor):
             while self._keep_serving():
                 for key, _ in self._selector.select(self._select_timeout()):
                     self._handle_event(key.data)
-                self._reply_completed()
                 now = time.monotonic()
+                self._run_timers(now)  # before the replies: a timer may finish futures
+                self._reply_completed()
                 self._expire_deadlines(now)
-                self._run_timers(now)
                 self._end_pass()  # the calls queued on this thread, once no event waits
         finally:
             self._close_everything()

@@ -22,6 +22,7 @@ from typing import Any
 import psutil
 import pytest
 
+import mpreqrep
 from mpreqrep._errors import HandlerReturnTypeError
 from mpreqrep._ioloop import IOLoop
 from mpreqrep._pool import (
@@ -624,13 +625,15 @@ class AttachedLoop:
             max_pending=None,
         )
         self.ended_on: dict[int, str] = {}
+        self.address = f"127.0.0.1:{listener.getsockname()[1]}"
         self._dispatcher = dispatcher
         self._thread = threading.Thread(target=self.loop.serve, name=self.THREAD, daemon=True)
         self._thread.start()
         assert wait_until(lambda: dispatcher._links._host is self.loop, 10 * UNIT)
 
-    def submit(self, *texts: str) -> list[Future[str]]:
-        """Submit ``texts`` in one pass of the loop (so they start together)."""
+    def submit(self, *texts: str, then: Callable[[], None] = lambda: None) -> list[Future[str]]:
+        """Submit ``texts`` in one pass of the loop (so they start together); ``then``
+        runs on the I/O thread right after they were sent (and the timer set)."""
         futures: list[Future[str]] = []
         submitted = threading.Event()
 
@@ -639,6 +642,7 @@ class AttachedLoop:
                 future = self._dispatcher.submit(text)
                 future.add_done_callback(self._record)
                 futures.append(future)
+            self.loop.call_soon(then)  # queued behind the pass's top-up
             submitted.set()
 
         assert self.loop.call_soon(submit_all)
@@ -672,15 +676,31 @@ def test_deadlines_due_together_fail_on_the_io_thread_and_kill_only_their_worker
         io.stop()
 
 
+def test_a_client_is_cut_off_at_the_deadline_with_no_other_event_to_wake_the_loop(
+    make: MakeDispatcher,
+) -> None:
+    dispatcher = make(Commands(), 1, timeout_s=0.5 * UNIT)
+    timed_out: list[list[int]] = []
+    dispatcher._requests._kill = timed_out.append  # no kill: no end of stream wakes the loop
+    io = AttachedLoop(dispatcher)
+    try:
+        started = time.monotonic()
+        assert mpreqrep.do_request(io.address, "hang", timeout=10 * UNIT) == ""
+        assert time.monotonic() - started < 5 * UNIT
+        assert len(timed_out) == 1
+    finally:
+        dispatcher._supervisor.kill_timed_out(timed_out[0] if timed_out else [])
+        io.stop()
+
+
 def test_a_deadline_due_while_the_io_loop_is_busy_fires_as_soon_as_it_is_free(
     make: MakeDispatcher,
 ) -> None:
     dispatcher = make(Commands(), 1, timeout_s=0.3 * UNIT)
     io = AttachedLoop(dispatcher)
     release, holding = threading.Event(), threading.Event()
-    try:
-        (hung,) = io.submit("hang")
-        assert io.loop.call_soon(lambda: (holding.set(), release.wait(30 * UNIT)))
+    try:  # held in the pass that sent it: its timer cannot come due before
+        (hung,) = io.submit("hang", then=lambda: (holding.set(), release.wait(30 * UNIT)))
         assert holding.wait(10 * UNIT)
         assert not wait_until(hung.done, 1.0 * UNIT)  # the deadline's host is held up
         release.set()
@@ -695,7 +715,7 @@ def test_a_deadline_due_while_the_io_loop_is_busy_fires_as_soon_as_it_is_free(
 def test_a_deadline_handed_back_to_the_supervisor_at_stop_still_fails_its_request(
     make: MakeDispatcher, stop_at: str
 ) -> None:
-    timeout_s = 0.5 * UNIT
+    timeout_s = 1.0 * UNIT
     dispatcher = make(Commands(), 1, timeout_s=timeout_s)
     io = AttachedLoop(dispatcher)
     (hung,) = io.submit("hang")

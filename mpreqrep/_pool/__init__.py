@@ -17,7 +17,8 @@ a future of the reply text. One concern per module:
 - :mod:`._turnover` (sans I/O) and :mod:`._operations`: rolling restarts,
   recycling and resizing, one worker at a time; :mod:`._shutdown`: stopping;
 - :mod:`._requests`: the book, the futures and the channels behind one lock;
-  :mod:`._links`: which thread reads each worker's channel;
+  :mod:`._links`: which thread reads each worker's channel; :mod:`._expiry`:
+  the timer of the request deadlines, on that same thread;
 - :mod:`._dispatcher`: the thin :class:`~mpreqrep._dispatch.Dispatcher`;
 - :mod:`._options`, :mod:`._errors`: ``workers="auto"``, range checks, errors.
 
