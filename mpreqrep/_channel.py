@@ -1,11 +1,16 @@
 """Framed messages between the parent and one worker process, over one socket.
 
 A frame is a 4-byte big-endian length and a pickle. The parent listens on a
-Unix socket in a private directory (loopback TCP where there are no Unix
-sockets); each worker connects twice, its lifeline and its channel, each
-opening with the pool's token. Neither side ever reads a partial frame: :class:`FrameReader`
-buffers until a frame is whole. The parent's end is non-blocking and buffers
-what the socket does not take (:class:`Channel`); a worker's end blocks.
+Unix socket in a private directory where the platform has Unix sockets, on
+loopback TCP where it has not (Windows' CPython has no ``AF_UNIX``); each
+worker connects twice, its lifeline and its channel, each opening with the
+pool's token (on TCP any local user can connect: the token is the guard,
+:mod:`mpreqrep._pool._greeter`). Neither side ever reads a partial frame:
+:class:`FrameReader` buffers until a frame is whole. The parent's end is
+non-blocking and buffers what the socket does not take (:class:`Channel`);
+a worker's end blocks. TCP channels disable Nagle's algorithm, or a second
+small frame would wait for the peer's delayed ACK (40 ms on Linux, 200 ms on
+Windows).
 """
 
 from __future__ import annotations
@@ -24,7 +29,13 @@ RECV_CHUNK_SIZE = 65536
 LISTEN_BACKLOG = 128
 
 MAX_UNIX_PATH = 100
-"""Longest socket path used: the kernel's limit is 104-108 bytes, by platform."""
+"""Longest socket path used: the kernel's limit is 104 bytes on macOS and the BSDs,
+108 on Linux."""
+
+UNIX_SOCKETS = hasattr(socket, "AF_UNIX")
+"""Whether this platform has Unix sockets: a :class:`Listener`'s default kind."""
+
+LOOPBACK = "127.0.0.1"
 
 Address = str | tuple[str, int]
 
@@ -75,47 +86,77 @@ def connect(address: Address) -> socket.socket:
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.connect(address)
+        if family == socket.AF_INET:
+            _no_delay(sock)
     except BaseException:
         sock.close()
         raise
     return sock
 
 
+def _no_delay(sock: socket.socket) -> None:
+    """Send each frame at once, not after the peer acknowledged the previous one."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
 class Listener:
     """The parent's listening socket that worker channels connect to.
 
-    A Unix socket in a fresh directory only this user can enter; loopback TCP
-    where Unix sockets are missing. Non-blocking: :meth:`accept` returns
-    ``None`` when no worker is waiting.
+    Args:
+        unix: a Unix socket in a fresh directory only this user can enter
+            (shortened to ``/tmp`` when ``TMPDIR`` is too long for a socket
+            path); ``False``: loopback TCP on an ephemeral port, which any
+            local user can reach. Defaults to what the platform has.
+
+    Non-blocking: :meth:`accept` returns ``None`` when no worker is waiting.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, unix: bool = UNIX_SOCKETS) -> None:
         self._directory: str | None = None
-        if hasattr(socket, "AF_UNIX"):
-            self._directory = tempfile.mkdtemp(prefix="mpreqrep-")
-            path = os.path.join(self._directory, "channels")
-            if len(path) > MAX_UNIX_PATH and os.path.isdir("/tmp"):  # a long TMPDIR
-                os.rmdir(self._directory)
-                self._directory = tempfile.mkdtemp(prefix="mpreqrep-", dir="/tmp")
-                path = os.path.join(self._directory, "channels")
-            _open_directories.add(self._directory)
-            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            self.sock.bind(path)
-            self.address: Address = path
-        else:  # pragma: no cover - no Unix sockets (old Windows)
-            self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            self.sock.bind(("127.0.0.1", 0))
-            self.address = self.sock.getsockname()
+        self.address: Address
+        self.sock = self._listen_unix() if unix else self._listen_tcp()
         self.sock.listen(LISTEN_BACKLOG)
         self.sock.setblocking(False)
 
+    def _listen_unix(self) -> socket.socket:
+        """A Unix socket bound in a private directory (registered for clean-up)."""
+        directory = tempfile.mkdtemp(prefix="mpreqrep-")
+        if len(os.path.join(directory, "channels")) > MAX_UNIX_PATH and os.path.isdir("/tmp"):
+            os.rmdir(directory)  # a long TMPDIR
+            directory = tempfile.mkdtemp(prefix="mpreqrep-", dir="/tmp")
+        self._directory = directory
+        _open_directories.add(directory)
+        self.address = os.path.join(directory, "channels")
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind(self.address)
+        return sock
+
+    def _listen_tcp(self) -> socket.socket:
+        """A TCP socket bound to an ephemeral loopback port."""
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        if hasattr(socket, "SO_EXCLUSIVEADDRUSE"):  # pragma: no cover - Windows only
+            # No other socket may bind this port, not even with SO_REUSEADDR.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_EXCLUSIVEADDRUSE, 1)
+        sock.bind((LOOPBACK, 0))
+        self.address = sock.getsockname()
+        return sock
+
     def accept(self) -> Channel | None:
-        """The next connected worker's channel, ``None`` if none is waiting."""
-        try:
-            sock, _ = self.sock.accept()
-        except (BlockingIOError, InterruptedError):
-            return None
-        return Channel(sock)
+        """The next connected peer's channel, ``None`` if none is waiting.
+
+        Raises:
+            OSError: accepting failed for want of resources (``EMFILE``, ...).
+        """
+        while True:
+            try:
+                sock, _ = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return None
+            except ConnectionAbortedError:  # reset before it was accepted: the next one
+                continue
+            if sock.family == socket.AF_INET:
+                _no_delay(sock)
+            return Channel(sock)
 
     def close(self) -> None:
         """Close the socket and remove its directory; idempotent."""
@@ -182,18 +223,22 @@ class Channel:
         another system call); the end of stream shows on the next call.
         """
         payloads: list[bytes] = []
-        while True:
-            try:
-                data = self.sock.recv(RECV_CHUNK_SIZE)
-            except (BlockingIOError, InterruptedError):
-                return payloads
-            except OSError:  # e.g. ECONNRESET: the worker is gone
-                data = b""
-            if not data:
-                return payloads or None
+        while data := self.read_nowait(RECV_CHUNK_SIZE):
             payloads += self._reader.feed(data)
             if len(data) < RECV_CHUNK_SIZE:
                 return payloads
+        return payloads if data is not None else payloads or None
+
+    def read_nowait(self, max_bytes: int) -> bytes | None:
+        """At most ``max_bytes`` of the bytes waiting, around the frame reader (for one that
+        must stop at a point, as the greeter at a first frame's end); ``b""`` if none
+        wait, ``None`` at end of stream or a reset."""
+        try:
+            return self.sock.recv(max_bytes) or None
+        except (BlockingIOError, InterruptedError):
+            return b""
+        except OSError:  # e.g. ECONNRESET: the peer is gone
+            return None
 
     def close(self) -> None:
         """Close the socket (the worker reads end of stream); idempotent."""

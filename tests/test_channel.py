@@ -1,4 +1,5 @@
-"""Framing and the parent's non-blocking end of a worker channel, over real Unix sockets."""
+"""Framing and the parent's non-blocking end of a worker channel, over real Unix sockets
+and loopback TCP (Windows' kind)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -19,11 +21,11 @@ from .conftest import UNIT, wait_until
 pytestmark = pytest.mark.timeout(30 * UNIT)
 
 
-@pytest.fixture
-def pair() -> Iterator[tuple[Channel, socket.socket]]:
+@pytest.fixture(params=[True, False], ids=["unix", "tcp"])
+def pair(request: pytest.FixtureRequest) -> Iterator[tuple[Channel, socket.socket]]:
     """A parent-side channel and the blocking worker end it talks to."""
-    listener = Listener()
-    worker = connect(listener.address)  # queued at once on a Unix socket
+    listener = Listener(unix=request.param)
+    worker = connect(listener.address)  # queued at once, on either kind
     channel = listener.accept()
     assert channel is not None
     yield channel, worker
@@ -111,6 +113,68 @@ def test_the_listener_accepts_none_when_no_worker_waits_and_cleans_up() -> None:
     listener.close()
     with pytest.raises(OSError):
         connect(listener.address)
+
+
+def test_read_nowait_reads_no_more_than_asked_and_tells_nothing_from_the_end(
+    pair: tuple[Channel, socket.socket],
+) -> None:
+    channel, worker = pair
+    assert channel.read_nowait(4) == b""  # nothing waits: does not block
+    worker.sendall(b"abcdef")
+    first: list[bytes] = []
+
+    def read_four() -> bool:
+        data = channel.read_nowait(4)
+        if data:
+            first.append(data)
+        return bool(first)
+
+    assert wait_until(read_four, 5 * UNIT)
+    assert first == [b"abcd"]
+    assert channel.read_nowait(64) == b"ef"
+    worker.close()
+    assert wait_until(lambda: channel.read_nowait(64) is None, 5 * UNIT)
+
+
+def test_tcp_channels_send_small_frames_at_once_on_both_ends() -> None:
+    """Nagle's algorithm would hold a second small frame until the first is
+    acknowledged, and the peer delays that ACK (40 ms on Linux, 200 ms on Windows)."""
+    listener = Listener(unix=False)
+    try:
+        host, port = listener.address
+        assert host == "127.0.0.1" and port > 0
+        with connect(listener.address) as worker:
+            channel = listener.accept()
+            assert channel is not None
+            for sock in (worker, channel.sock):
+                assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+            channel.close()
+    finally:
+        listener.close()
+    with pytest.raises(OSError):
+        connect(listener.address)
+
+
+def test_a_connection_reset_before_it_was_accepted_is_skipped() -> None:
+    listener = Listener(unix=False)
+    real = listener.sock
+    with connect(listener.address) as worker:
+        outcomes: list[Any] = [ConnectionAbortedError(103, "aborted")]
+
+        class Aborting:  # a connection reset while queued, then the real one
+            def accept(self) -> tuple[socket.socket, Any]:
+                if outcomes:
+                    raise outcomes.pop()
+                return real.accept()
+
+        listener.sock = Aborting()  # type: ignore[assignment]
+        channel = listener.accept()
+        assert channel is not None
+        worker.sendall(b"x")
+        assert wait_until(lambda: channel.read_nowait(1) == b"x", 5 * UNIT)
+        channel.close()
+    listener.sock = real
+    listener.close()
 
 
 def test_socket_directories_can_be_removed_for_an_exit_that_skips_close() -> None:

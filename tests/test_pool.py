@@ -257,7 +257,7 @@ def test_start_gives_up_on_workers_that_do_not_start_in_time(
 def test_a_pool_that_cannot_spawn_fails_start(
     make: MakeDispatcher, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def no_processes(*args: Any) -> Any:
+    def no_processes(*args: Any, **kwargs: Any) -> Any:
         raise OSError("out of processes")
 
     monkeypatch.setattr(_supervisor, "WorkerProcess", no_processes)

@@ -1,83 +1,292 @@
-"""The handshake of worker connections, on a real listener and selector loop."""
+"""The handshake of worker connections, on a real listener (Unix socket and loopback
+TCP, as on Windows) and selector loop, with peers that do not know the token."""
 
 from __future__ import annotations
 
 import os
 import pickle
+import socket
+import threading
+import time
 from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import pytest
 
-from mpreqrep._channel import Listener, connect, frame_of
-from mpreqrep._pool._greeter import Greeter, Introduction
+from mpreqrep._channel import Channel, Listener, connect, encode_frame, frame_of
+from mpreqrep._pool import _greeter
+from mpreqrep._pool._greeter import (
+    GREETING_TIMEOUT_S,
+    MAX_GREETINGS,
+    MAX_INTRODUCTION_SIZE,
+    FirstFrame,
+    Greeter,
+    Introduction,
+    StrangerError,
+)
 from mpreqrep._pool._loop import SelectLoop
-from mpreqrep._worker import Hello, introduction
+from mpreqrep._worker import Hello, InitFailed, introduction
 
-from .conftest import UNIT
+from .conftest import UNIT, wait_until
+
+pytestmark = pytest.mark.timeout(60 * UNIT)
 
 TOKEN = "k" * 32
 
 
-@pytest.fixture
-def greeter() -> Iterator[tuple[Greeter, SelectLoop, Listener, list[Introduction]]]:
-    loop, listener, introduced = SelectLoop(), Listener(), []
-    greeter = Greeter(loop, listener, TOKEN, lambda channel, message: introduced.append(message))
-    yield greeter, loop, listener, introduced
-    greeter.close()
-    loop.close_loop()
+@dataclass
+class Handshake:
+    """A greeter on its loop, what it introduced, and a clock the test moves."""
+
+    greeter: Greeter
+    loop: SelectLoop
+    introduced: list[tuple[Channel, Introduction]] = field(default_factory=list)
+    now: float = 0.0
+
+    def run(self, passes: int = 3) -> None:
+        for _ in range(passes):
+            self.loop.run_once(0.05 * UNIT)
+
+    def messages(self) -> list[Introduction]:
+        return [message for _, message in self.introduced]
+
+
+@contextmanager
+def handshake_on(*, unix: bool) -> Iterator[Handshake]:
+    loop = SelectLoop()
+    state: list[Handshake] = []
+    greeter = Greeter(
+        loop,
+        TOKEN,
+        lambda channel, message: state[0].introduced.append((channel, message)),
+        unix=unix,
+        clock=lambda: state[0].now,
+    )
+    state.append(Handshake(greeter, loop))
+    try:
+        yield state[0]
+    finally:
+        for channel, _ in state[0].introduced:
+            channel.close()
+        greeter.close()
+        loop.close_loop()
+
+
+@pytest.fixture(params=[True, False], ids=["unix", "tcp"])
+def handshake(request: pytest.FixtureRequest) -> Iterator[Handshake]:
+    with handshake_on(unix=request.param) as state:
+        yield state
+
+
+def closed_by_peer(sock: socket.socket) -> bool:
+    """Whether the other end closed ``sock`` (or reset it)."""
+    sock.settimeout(5 * UNIT)
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+
+
+def still_open(sock: socket.socket) -> bool:
+    """Whether the other end keeps ``sock`` open (nothing to read, no end of stream)."""
+    sock.setblocking(False)
+    try:
+        sock.recv(1)
+    except BlockingIOError:
+        return True
+    except ConnectionResetError:
+        return False
+    finally:
+        sock.setblocking(True)
+    return False
 
 
 def test_a_worker_that_knows_the_token_is_introduced_even_in_pieces(
-    greeter: tuple[Greeter, SelectLoop, Listener, list[Introduction]],
+    handshake: Handshake,
 ) -> None:
-    _, loop, listener, introduced = greeter
     frame = introduction(TOKEN, Hello(os.getpid()))
-    with connect(listener.address) as sock:
-        sock.sendall(frame[:5])
-        for _ in range(3):
-            loop.run_once(0.2 * UNIT)  # accepted, half a frame: nothing yet
-        assert introduced == []
-        sock.sendall(frame[5:])
-        loop.run_once(1 * UNIT)
-    assert introduced == [Hello(os.getpid())]
+    with connect(handshake.greeter.address) as sock:
+        for piece in (frame[:2], frame[2:20], frame[20:]):  # header, token, rest split
+            assert handshake.messages() == []
+            sock.sendall(piece)
+            handshake.run()
+    assert handshake.messages() == [Hello(os.getpid())]
+
+
+def test_nothing_past_the_first_frame_is_read_the_channel_gets_it(
+    handshake: Handshake,
+) -> None:
+    with connect(handshake.greeter.address) as sock:
+        sock.sendall(introduction(TOKEN, Hello(1)) + encode_frame("next"))
+        assert wait_until(lambda: handshake.run(1) or bool(handshake.introduced), 5 * UNIT)
+        channel, payloads = handshake.introduced[0][0], []
+        assert wait_until(lambda: bool(payloads.extend(channel.receive() or []) or payloads), 5)
+        assert [pickle.loads(payload) for payload in payloads] == ["next"]
+
+
+def test_a_long_traceback_of_a_failed_load_comes_whole(handshake: Handshake) -> None:
+    failed = InitFailed(7, "ImportError: numpy", "Traceback\n" * 40_000)  # 400 KB
+    with connect(handshake.greeter.address) as sock:
+        sender = threading.Thread(target=sock.sendall, args=(introduction(TOKEN, failed),))
+        sender.start()  # more than the socket buffers: it waits for the greeter's reads
+        assert wait_until(lambda: handshake.run(1) or bool(handshake.introduced), 10 * UNIT)
+        sender.join(5 * UNIT)
+    assert handshake.messages() == [failed]
+
+
+def header(size: int) -> bytes:
+    return size.to_bytes(4, "big")
 
 
 @pytest.mark.parametrize(
     "frame",
     [
-        frame_of(b"x" * 32 + pickle.dumps(Hello(1))),  # a wrong token: never unpickled
+        frame_of(b"x" * 32 + pickle.dumps(Hello(1))),  # a wrong token of the right length
+        frame_of(TOKEN[:8].encode()),  # a frame shorter than the token
+        frame_of(b"k" * 31 + b"j" + pickle.dumps(Hello(1))),  # one byte off
         frame_of(TOKEN.encode() + pickle.dumps("not a message")),
+        b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n",  # a length of 1.2 GB
+        header(MAX_INTRODUCTION_SIZE + 1) + TOKEN.encode(),  # too long, even with the token
         b"",  # the end of stream at once
+        introduction(TOKEN, Hello(1))[:-3],  # the end of stream inside the frame
     ],
-    ids=["wrong-token", "not-a-message", "eof"],
+    ids=[
+        "wrong-token",
+        "short-frame",
+        "one-byte-off",
+        "not-a-message",
+        "http",
+        "oversize",
+        "eof",
+        "eof-mid-frame",
+    ],
 )
-def test_a_stranger_is_closed_without_being_introduced(
-    greeter: tuple[Greeter, SelectLoop, Listener, list[Introduction]], frame: bytes
-) -> None:
-    _, loop, listener, introduced = greeter
-    with connect(listener.address) as sock:
+def test_a_stranger_is_closed_without_being_introduced(handshake: Handshake, frame: bytes) -> None:
+    with connect(handshake.greeter.address) as sock:
         sock.sendall(frame)
-        if not frame:
-            sock.shutdown(2)
-        sock.settimeout(5 * UNIT)
-        for _ in range(3):
-            loop.run_once(0.2 * UNIT)
-        if frame:
-            assert sock.recv(1) == b""  # closed by the greeter
-    assert introduced == []
+        sock.shutdown(socket.SHUT_WR)
+        handshake.run()
+        assert closed_by_peer(sock)
+    assert handshake.introduced == []
+
+
+def test_a_wrong_token_is_rejected_before_the_announced_rest_is_read(
+    handshake: Handshake,
+) -> None:
+    """A stranger announcing a megabyte is closed after 36 bytes: the rest it pushes
+    meets a closed connection, and nothing of it is buffered."""
+    with connect(handshake.greeter.address) as sock:
+        sock.sendall(header(MAX_INTRODUCTION_SIZE) + b"x" * 32)
+        handshake.run()
+        assert closed_by_peer(sock)
+        with pytest.raises((BrokenPipeError, ConnectionResetError)):
+            for _ in range(64):  # far more than the socket buffers hold
+                sock.sendall(b"\0" * 65536)
+    assert handshake.introduced == []
+
+
+def test_frames_are_read_in_steps_and_checked_before_the_rest() -> None:
+    frame = FirstFrame(b"tok", deadline=1.0)
+    assert frame.wanted() == 4
+    frame.feed(header(8))
+    assert frame.wanted() == 3  # the token, and not a byte more
+    frame.feed(b"tok")
+    assert frame.wanted() == 5
+    frame.feed(b"hello")
+    assert (frame.wanted(), frame.payload) == (0, b"tokhello")
+    with pytest.raises(StrangerError, match="wrong token"):
+        stranger = FirstFrame(b"tok", deadline=1.0)
+        stranger.feed(header(8))
+        stranger.feed(b"tak")
+    with pytest.raises(StrangerError, match="2 bytes"):
+        FirstFrame(b"tok", deadline=1.0).feed(header(2))
+
+
+def test_a_silent_or_half_sent_connection_is_closed_past_its_deadline(
+    handshake: Handshake,
+) -> None:
+    address = handshake.greeter.address
+    with connect(address) as silent, connect(address) as half:
+        half.sendall(introduction(TOKEN, Hello(1))[:10])
+        handshake.run()
+        handshake.now += GREETING_TIMEOUT_S / 2
+        with connect(address) as fresh:
+            handshake.run()
+            assert still_open(silent) and still_open(half)  # not overdue yet
+            handshake.now += GREETING_TIMEOUT_S / 2
+            with connect(address) as late:
+                late.sendall(introduction(TOKEN, Hello(2)))
+                handshake.run()
+                assert closed_by_peer(silent) and closed_by_peer(half)
+                assert still_open(fresh)  # its own deadline is later
+    assert handshake.messages() == [Hello(2)]
+
+
+def test_an_overdue_connection_whose_frame_already_came_is_introduced() -> None:
+    """The supervisor may not have run for a while (a starved thread): a worker whose
+    frame waits in the kernel is read before any deadline is enforced. (On a Unix
+    socket, so that the bytes are there when sendall returns.)"""
+    with handshake_on(unix=True) as handshake, connect(handshake.greeter.address) as sock:
+        handshake.run()  # accepted
+        sock.sendall(introduction(TOKEN, Hello(3)))
+        handshake.now += 2 * GREETING_TIMEOUT_S
+        handshake.greeter.catch_up()
+        assert handshake.messages() == [Hello(3)]
+
+
+def test_a_flood_of_connections_holds_a_bounded_number_and_a_worker_still_gets_in(
+    handshake: Handshake,
+) -> None:
+    address = handshake.greeter.address
+    flood: list[socket.socket] = []
+    try:
+        for _ in range(3):  # in rounds: a full backlog would make connect() wait
+            flood += [connect(address) for _ in range(MAX_GREETINGS // 2 + 10)]
+            handshake.run(1)
+        began = time.monotonic()
+        handshake.run()
+        assert time.monotonic() - began < 2 * UNIT
+        open_ones = [sock for sock in flood if still_open(sock)]
+        assert len(open_ones) == MAX_GREETINGS
+        assert open_ones == flood[-MAX_GREETINGS:]  # the oldest made room
+        with connect(address) as worker:
+            worker.sendall(introduction(TOKEN, Hello(4)))
+            assert wait_until(lambda: handshake.run(1) or bool(handshake.introduced), 5 * UNIT)
+        assert handshake.messages() == [Hello(4)]
+    finally:
+        for sock in flood:
+            sock.close()
+
+
+def test_one_event_accepts_a_bounded_number_of_connections(
+    handshake: Handshake, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_greeter, "MAX_GREETINGS", 4)
+    address = handshake.greeter.address
+    flood = [connect(address) for _ in range(10)]
+    try:
+        handshake.greeter.catch_up()  # one round takes 4: none had to make room
+        assert all(still_open(sock) for sock in flood)
+        handshake.greeter.catch_up()  # 4 more, each closing one of the first 4
+        assert wait_until(lambda: not any(still_open(sock) for sock in flood[:4]), 5 * UNIT)
+        assert all(still_open(sock) for sock in flood[4:])
+    finally:
+        for sock in flood:
+            sock.close()
 
 
 def test_catch_up_greets_what_already_waits_and_close_drops_the_rest(
-    greeter: tuple[Greeter, SelectLoop, Listener, list[Introduction]],
+    handshake: Handshake,
 ) -> None:
-    greeter_, _, listener, introduced = greeter
-    with connect(listener.address) as early, connect(listener.address) as silent:
+    address = handshake.greeter.address
+    with connect(address) as early, connect(address) as silent:
         early.sendall(introduction(TOKEN, Hello(7)))
-        greeter_.catch_up()  # no select: the kernel already holds both
-        assert introduced == [Hello(7)]
-        greeter_.close()
-        silent.settimeout(5 * UNIT)
-        assert silent.recv(1) == b""
+        greeted = lambda: handshake.greeter.catch_up() or bool(handshake.introduced)  # noqa: E731
+        assert wait_until(greeted, 5 * UNIT)  # no select: what the kernel holds
+        assert handshake.messages() == [Hello(7)]
+        handshake.greeter.close()
+        assert closed_by_peer(silent)
 
 
 def test_the_select_loop_runs_calls_in_order_and_refuses_them_once_closed() -> None:

@@ -47,16 +47,16 @@ from __future__ import annotations
 import atexit
 import functools
 import logging
-import os
 import secrets
 import threading
 import time
 import weakref
 from typing import Any, Protocol
 
-from .._channel import Channel, Listener
+from .._channel import Channel
 from .._dispatch import LoopHooks
 from .._worker import Hello, Lifeline
+from . import _process
 from ._errors import PoolFailedError
 from ._failures import PassFailures, as_failure
 from ._greeter import Greeter, Introduction
@@ -74,10 +74,6 @@ WORKER_START_TIMEOUT_S = 60.0
 
 FLUSH_RETRY_S = 0.005
 """How soon to try again to write a request that the worker's socket did not take whole."""
-
-SENTINELS_SELECTABLE = os.name == "posix"
-"""Process sentinels are file descriptors a selector can watch on POSIX; elsewhere
-(Windows handles) a worker's end shows as the end of its lifeline socket only."""
 
 REAP_TIMEOUT_S = 1.0
 """How long to wait for the exit status of a process whose sentinel fired."""
@@ -145,6 +141,7 @@ class Supervisor(SelectLoop):
         self._operations = Operations(pool, self._table, workers)
         self._shutdown = Shutdown(pool, self._table)
         self._max_rss = max_rss
+        self._mechanisms = _process.mechanisms  # the platform's, or a test's
         self._token = secrets.token_hex(16)
         self._payload = b""
         self._greeter: Greeter | None = None
@@ -163,7 +160,8 @@ class Supervisor(SelectLoop):
                 handler, died or did not start in time.
         """
         self._payload = payload
-        self._greeter = Greeter(self, Listener(), self._token, self._introduced)
+        unix = self._mechanisms.unix_channels
+        self._greeter = Greeter(self, self._token, self._introduced, unix=unix)
         _live.add(self)
         self._thread = threading.Thread(target=self._run, name="mpreqrep-pool-supervisor")
         self._thread.daemon = True
@@ -320,16 +318,21 @@ class Supervisor(SelectLoop):
             return
         if greeter.listener_lost():
             logger.error("the workers' socket %s is gone; listening on a new one", greeter.address)
-            greeter.replace_listener(Listener())
+            greeter.replace_listener()
         try:
-            worker = WorkerProcess(self._payload, greeter.address, self._token, self._max_rss, now)
+            worker = WorkerProcess(
+                self._payload,
+                greeter.address,
+                self._token,
+                self._max_rss,
+                now,
+                selectable_sentinel=self._mechanisms.selectable_sentinels,
+            )
         except Exception as exc:  # e.g. EAGAIN: out of processes
             self._start_failed(f"cannot start a worker process: {type(exc).__name__}: {exc}", now)
             return
-        if not self._table.add(worker):
-            return
-        if SENTINELS_SELECTABLE:
-            self.watch(worker.sentinel, lambda mask: self._reap(worker))
+        if self._table.add(worker):
+            self.watch(worker.ended, lambda mask: self._reap(worker))
 
     # -- events (supervisor thread) -------------------------------------------------------
 
@@ -365,13 +368,13 @@ class Supervisor(SelectLoop):
     def _reap(self, worker: WorkerProcess) -> None:
         """A worker process ended: forget it, settle its requests, replace it.
 
-        Called when its sentinel fires or its lifeline ends, whichever comes first.
+        Called when its end shows (``worker.ended``) or its lifeline ends, whichever first.
         """
         if self._table.get(worker.pid) is not worker:  # reaped already
             return
         if not worker.ready and self._greeter is not None:
             self._greeter.catch_up()  # what it sent before it ended may still wait
-        for watched in (worker.sentinel, worker.lifeline):
+        for watched in (worker.ended, worker.lifeline):
             if watched is not None:
                 self.remove_reader(watched)
         status = worker.reap(timeout=REAP_TIMEOUT_S)
