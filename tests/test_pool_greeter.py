@@ -235,6 +235,21 @@ def test_an_overdue_connection_whose_frame_already_came_is_introduced() -> None:
         assert handshake.messages() == [Hello(3)]
 
 
+def test_a_connection_closed_by_an_earlier_callback_of_the_same_pass_is_left_alone() -> None:
+    """One select reports the listener (a newcomer) and an overdue half-sent connection:
+    accepting closes the overdue one first, and its own callback then finds it gone."""
+    frame = introduction(TOKEN, Hello(5))
+    with handshake_on(unix=True) as handshake, connect(handshake.greeter.address) as half:
+        half.sendall(frame[:10])
+        handshake.run()
+        handshake.now += GREETING_TIMEOUT_S
+        with connect(handshake.greeter.address):  # the listener is ready first,
+            half.sendall(frame[10:12])  # then the overdue one
+            handshake.loop.run_once(1 * UNIT)
+            assert closed_by_peer(half)
+        assert handshake.introduced == []
+
+
 def test_a_flood_of_connections_holds_a_bounded_number_and_a_worker_still_gets_in(
     handshake: Handshake,
 ) -> None:
