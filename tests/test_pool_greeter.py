@@ -8,7 +8,7 @@ import pickle
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -17,7 +17,6 @@ import pytest
 from mpreqrep._channel import Channel, Listener, connect, encode_frame, frame_of
 from mpreqrep._pool import _greeter
 from mpreqrep._pool._greeter import (
-    GREETING_TIMEOUT_S,
     MAX_GREETINGS,
     MAX_INTRODUCTION_SIZE,
     FirstFrame,
@@ -37,12 +36,11 @@ TOKEN = "k" * 32
 
 @dataclass
 class Handshake:
-    """A greeter on its loop, what it introduced, and a clock the test moves."""
+    """A greeter on its loop, and what it introduced."""
 
     greeter: Greeter
     loop: SelectLoop
     introduced: list[tuple[Channel, Introduction]] = field(default_factory=list)
-    now: float = 0.0
 
     def run(self, passes: int = 3) -> None:
         for _ in range(passes):
@@ -61,7 +59,6 @@ def handshake_on(*, unix: bool) -> Iterator[Handshake]:
         TOKEN,
         lambda channel, message: state[0].introduced.append((channel, message)),
         unix=unix,
-        clock=lambda: state[0].now,
     )
     state.append(Handshake(greeter, loop))
     try:
@@ -203,51 +200,74 @@ def test_frames_are_read_in_steps_and_checked_before_the_rest() -> None:
         FirstFrame(b"tok", deadline=1.0).feed(header(2))
 
 
-def test_a_silent_or_half_sent_connection_is_closed_past_its_deadline(
-    handshake: Handshake,
+def test_a_silent_or_half_sent_connection_is_closed_at_its_deadline_not_before(
+    handshake: Handshake, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    timeout_s = 1.0 * UNIT
+    monkeypatch.setattr(_greeter, "GREETING_TIMEOUT_S", timeout_s)
     address = handshake.greeter.address
+    began = time.monotonic()
+
+    def closed(*socks: socket.socket) -> Callable[[], bool]:
+        def check() -> bool:
+            handshake.run(1)
+            return not any(still_open(sock) for sock in socks)
+
+        return check
+
     with connect(address) as silent, connect(address) as half:
         half.sendall(introduction(TOKEN, Hello(1))[:10])
-        handshake.run()
-        handshake.now += GREETING_TIMEOUT_S / 2
-        with connect(address) as fresh:
-            handshake.run()
-            assert still_open(silent) and still_open(half)  # not overdue yet
-            handshake.now += GREETING_TIMEOUT_S / 2
-            with connect(address) as late:
-                late.sendall(introduction(TOKEN, Hello(2)))
-                handshake.run()
-                assert closed_by_peer(silent) and closed_by_peer(half)
-                assert still_open(fresh)  # its own deadline is later
+        halfway = lambda: handshake.run(1) or time.monotonic() - began > timeout_s / 2  # noqa: E731
+        assert wait_until(halfway, 5 * UNIT)  # both accepted meanwhile
+        with connect(address) as younger:
+            assert wait_until(closed(silent, half), 10 * UNIT)
+            assert time.monotonic() - began >= timeout_s  # the timer, not a pass, decides
+            assert still_open(younger)  # its deadline is later: the timer is set again
+            assert wait_until(closed(younger), 10 * UNIT)
+        with connect(address) as late:  # a worker after them gets in as ever
+            late.sendall(introduction(TOKEN, Hello(2)))
+            assert wait_until(lambda: handshake.run(1) or bool(handshake.introduced), 5 * UNIT)
     assert handshake.messages() == [Hello(2)]
 
 
-def test_an_overdue_connection_whose_frame_already_came_is_introduced() -> None:
+@pytest.fixture
+def room_for_one(monkeypatch: pytest.MonkeyPatch) -> Iterator[Handshake]:
+    """A greeter (on a Unix socket: bytes are there when sendall returns) with room for
+    one waiting connection."""
+    monkeypatch.setattr(_greeter, "MAX_GREETINGS", 1)
+    with handshake_on(unix=True) as handshake:
+        yield handshake
+
+
+def test_a_connection_making_room_is_read_first_its_frame_may_be_there(
+    room_for_one: Handshake,
+) -> None:
     """The supervisor may not have run for a while (a starved thread): a worker whose
-    frame waits in the kernel is read before any deadline is enforced. (On a Unix
-    socket, so that the bytes are there when sendall returns.)"""
-    with handshake_on(unix=True) as handshake, connect(handshake.greeter.address) as sock:
-        handshake.run()  # accepted
-        sock.sendall(introduction(TOKEN, Hello(3)))
-        handshake.now += 2 * GREETING_TIMEOUT_S
-        handshake.greeter.catch_up()
-        assert handshake.messages() == [Hello(3)]
+    frame waits in the kernel is read before it is closed to make room."""
+    address = room_for_one.greeter.address
+    with connect(address) as first, connect(address):
+        room_for_one.greeter.catch_up()  # takes the first, not yet the second
+        first.sendall(introduction(TOKEN, Hello(3)))
+        room_for_one.greeter.catch_up()  # the second needs the room: the first is read
+        assert room_for_one.messages() == [Hello(3)]
 
 
-def test_a_connection_closed_by_an_earlier_callback_of_the_same_pass_is_left_alone() -> None:
-    """One select reports the listener (a newcomer) and an overdue half-sent connection:
-    accepting closes the overdue one first, and its own callback then finds it gone."""
+def test_a_connection_closed_by_an_earlier_callback_of_the_same_pass_is_left_alone(
+    room_for_one: Handshake,
+) -> None:
+    """One select reports the listener (a newcomer) and a half-sent connection:
+    accepting closes the half-sent one to make room, and its own callback then finds
+    it gone."""
     frame = introduction(TOKEN, Hello(5))
-    with handshake_on(unix=True) as handshake, connect(handshake.greeter.address) as half:
+    address = room_for_one.greeter.address
+    with connect(address) as half:
         half.sendall(frame[:10])
-        handshake.run()
-        handshake.now += GREETING_TIMEOUT_S
-        with connect(handshake.greeter.address):  # the listener is ready first,
-            half.sendall(frame[10:12])  # then the overdue one
-            handshake.loop.run_once(1 * UNIT)
+        room_for_one.run()
+        with connect(address):  # the listener is ready first,
+            half.sendall(frame[10:12])  # then the half-sent one
+            room_for_one.loop.run_once(1 * UNIT)
             assert closed_by_peer(half)
-        assert handshake.introduced == []
+    assert room_for_one.introduced == []
 
 
 def test_a_flood_of_connections_holds_a_bounded_number_and_a_worker_still_gets_in(
@@ -302,6 +322,14 @@ def test_catch_up_greets_what_already_waits_and_close_drops_the_rest(
         assert handshake.messages() == [Hello(7)]
         handshake.greeter.close()
         assert closed_by_peer(silent)
+
+
+@pytest.mark.parametrize("unix", [True, False], ids=["unix", "tcp"])
+def test_a_greeter_closed_before_anyone_connected_frees_its_listener(unix: bool) -> None:
+    with handshake_on(unix=unix) as handshake:
+        address = handshake.greeter.address
+    with pytest.raises(OSError):  # refused, or no such file
+        connect(address).close()
 
 
 def test_the_select_loop_runs_calls_in_order_and_refuses_them_once_closed() -> None:

@@ -18,10 +18,10 @@ the pool anything or hold the supervisor:
 - reads never block, and one event accepts at most :data:`MAX_GREETINGS`
   connections, so a flood cannot hold the loop;
 - at most :data:`MAX_GREETINGS` connections wait to introduce themselves
-  (a new one closes the oldest), and one that took longer than
-  :data:`GREETING_TIMEOUT_S` is closed when the next one comes. A worker
-  sends its first frame as soon as it connected; before a connection is
-  closed for either reason, what it sent already is read.
+  (a new one closes the oldest), and one that has not within
+  :data:`GREETING_TIMEOUT_S` is closed (one loop timer, for the oldest). A
+  worker sends its first frame as soon as it connected; before a connection
+  is closed for either reason, what it sent already is read.
 
 The listener is a Unix socket in a temporary directory, which a temp
 cleaner (or an operator) may remove while the pool runs: no new worker
@@ -40,6 +40,7 @@ import time
 from collections.abc import Callable
 
 from .._channel import FRAME_HEADER, Address, Channel, Listener
+from .._loopcore import Timer
 from .._worker import Hello, InitFailed, Lifeline
 from ._loop import SelectLoop
 
@@ -131,7 +132,6 @@ class Greeter:
         introduced: called with each connection and its message; a
             connection that does not introduce itself properly is closed.
         unix: listen on a Unix socket (else on loopback TCP).
-        clock: monotonic seconds (tests pass a fake one).
     """
 
     def __init__(
@@ -141,15 +141,14 @@ class Greeter:
         introduced: Callable[[Channel, Introduction], None],
         *,
         unix: bool,
-        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._loop = loop
         self._token = token
         self._secret = token.encode()
         self._introduced = introduced
         self._unix = unix
-        self._clock = clock
         self._waiting: dict[Channel, FirstFrame] = {}  # oldest first
+        self._timer: Timer | None = None  # for the oldest's deadline
         self._listener = Listener(unix=unix)
         self._identity = _identity(self._listener.address)
         loop.watch(self._listener.sock, self._accept)
@@ -186,27 +185,37 @@ class Greeter:
 
     def close(self) -> None:
         """Close the listener and the connections not introduced yet."""
+        if self._timer is not None:
+            self._timer.cancel()
         for channel in self._waiting:
             channel.close()
         self._waiting.clear()
         self._listener.close()
 
     def _accept(self, mask: int) -> None:
-        """Close the connections past their deadline, then take those waiting (a bounded
-        number); each is known once its first frame is read."""
-        now = self._clock()
-        for waiting, frame in list(self._waiting.items()):
-            if frame.deadline > now:
-                break
-            self._give_up(waiting)
+        """Take the connections waiting, a bounded number; each is known once its first
+        frame is read."""
         for _ in range(MAX_GREETINGS):
             channel = self._listener.accept()
             if channel is None:
                 return
             if len(self._waiting) >= MAX_GREETINGS:
                 self._give_up(next(iter(self._waiting)))
-            self._waiting[channel] = FirstFrame(self._secret, now + GREETING_TIMEOUT_S)
+            deadline = time.monotonic() + GREETING_TIMEOUT_S
+            self._waiting[channel] = FirstFrame(self._secret, deadline)
             self._loop.watch(channel, functools.partial(self._greet, channel))
+            if self._timer is None:
+                self._timer = self._loop.call_later(GREETING_TIMEOUT_S, self._expire)
+
+    def _expire(self) -> None:
+        """Close the connections past their deadline; set the timer for the next one."""
+        self._timer = None
+        now = time.monotonic()
+        for channel, frame in list(self._waiting.items()):
+            if frame.deadline > now:
+                self._timer = self._loop.call_later(frame.deadline - now, self._expire)
+                return
+            self._give_up(channel)
 
     def _greet(self, channel: Channel, mask: int) -> None:
         """Read what a connection's first frame still lacks; once it is whole, hand the
