@@ -236,3 +236,16 @@ def test_rehosting_moves_the_timer_to_the_new_host(
     assert home.live() == [] and len(io_loop.live()) == 1
     home.timers[0].callback()  # it had started on the old host: it does nothing
     assert not future.done()
+
+
+def test_a_deadline_passing_after_the_requests_were_abandoned_only_kills_the_worker(
+    timed: tuple[Requests, RecordingHost, list[list[int]], Clock, list[socket.socket]],
+) -> None:
+    requests, host, kills, clock, _ = timed
+    future = requests.submit("a")
+    requests.abandon("graceful timeout passed")  # the request fails, it still runs
+    assert isinstance(future.exception(timeout=0), RuntimeError)
+    clock.now += TIMEOUT_S
+    host.timers[0].callback()
+    assert kills == [[PID]]  # the worker still runs past the deadline: killed
+    assert requests.figures([])[0]["timed_out"] == 0  # failed already, not timed out

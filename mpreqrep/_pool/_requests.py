@@ -269,15 +269,18 @@ class Requests:
     # -- on the channels' host, when the deadline timer comes due -------------------
 
     def _expire(self, timer: int) -> None:
-        """Fail the requests that ran past the timeout and have their workers killed."""
+        """Fail the requests that ran past the timeout and have their workers killed
+        (a worker's too whose request was failed already: abandoned, say)."""
         with self._lock:
             if not self._timer.fired(timer):  # cancelled as it came due: not ours any more
                 return
-            expired = [(pid, self._pending.pop(rid)) for pid, rid in self._book.expire(self._now())]
-            self._counts["timed_out"] += len(expired)
+            expired = self._book.expire(self._now())
+            failed = [entry for _, rid in expired if (entry := self._pending.pop(rid, None))]
+            self._counts["timed_out"] += len(failed)
             self._watch_deadline()
-        for pid, entry in expired:
+        for pid, _ in expired:
             logger.warning("a request ran past %s s in worker %d; killing it", self._timeout_s, pid)
+        for entry in failed:
             _fail(entry.future, HandlerTimeoutError(f"handle_request ran past {self._timeout_s} s"))
         if expired:
             self._kill([pid for pid, _ in expired])
