@@ -27,8 +27,9 @@ from mpreqrep._pool import HandlerTimeoutError, ProcessPoolDispatcher, WorkerCra
 from mpreqrep._pool._greeter import MAX_GREETINGS
 from mpreqrep._worker import Hello, introduction
 
-from .conftest import UNIT, alive, wait_until
+from .conftest import UNIT, alive, ask_all, running, wait_until
 from .pool_handlers import Commands, Ledger
+from .process_handlers import PidServer
 from .test_pool import children, ledger_runs, outcome, worker_pids
 
 pytestmark = pytest.mark.timeout(90 * UNIT)
@@ -140,6 +141,26 @@ def test_in_windows_shape_request_timeouts_kill_only_the_worker_running_them(
     assert wait_until(lambda: dispatcher.stats()["restarts_timed_out"] == 1, 10 * UNIT)
     assert wait_until(lambda: dispatcher.stats()["workers_alive"] == 2, 30 * UNIT)
     assert outcome(dispatcher.submit("echo:after")) == "after"
+
+
+def test_a_windows_shaped_server_serves_crashes_and_times_out_on_its_io_loop(
+    windows_shape: Path,
+) -> None:
+    """Behind a server the channels move to the I/O loop: TCP ones too."""
+    before = children()
+    with running(PidServer, workers=2, request_timeout=1.0 * UNIT) as server:
+        requests = [f"sleep 0.01 {n}" for n in range(20)]
+        replies = ask_all(server.address, [*requests[:10], "exit", *requests[10:], "hang"])
+        assert replies[10] == "" and replies[-1] == ""  # the crash, the timeout
+        assert all(
+            reply and reply.endswith(f"{n}\r\n")
+            for n, reply in enumerate(replies[:10] + replies[11:-1])
+        ), replies
+        stats = server.stats()
+        assert (stats["crashed"], stats["timed_out"]) == (1, 1)
+        assert wait_until(lambda: server.stats()["workers_alive"] == 2, 30 * UNIT)
+        assert all(reply for reply in ask_all(server.address, requests))
+    assert wait_until(lambda: children() <= before, 5 * UNIT)  # stop() left no process
 
 
 BOOT_DEATH = """

@@ -1,15 +1,18 @@
-"""One worker process as the parent sees it: the CPU sampler, with concurrent readers."""
+"""One worker process as the parent sees it: the CPU sampler, with concurrent readers,
+and the socket that shows a process's end where its sentinel cannot be selected."""
 
 from __future__ import annotations
 
+import select
 import threading
 import time
 
 import psutil
 import pytest
+from loky.backend import get_context
 
 from mpreqrep._pool import ProcessPoolDispatcher
-from mpreqrep._pool._process import CpuSampler
+from mpreqrep._pool._process import CpuSampler, end_socket
 
 from .conftest import UNIT, wait_until
 from .ops_handlers import Spinner
@@ -73,3 +76,19 @@ def test_concurrent_stats_callers_do_not_skew_cpu_percent() -> None:
     finally:
         stop.set()
         dispatcher.shutdown()
+
+
+def test_an_end_socket_ends_when_its_process_does_and_not_before() -> None:
+    """Windows' way to see a process end in a selector: a thread waits on the sentinel
+    (a handle there), then ends a socket."""
+    process = get_context("loky").Process(target=time.sleep, args=(0.5 * UNIT,))
+    process.start()
+    reader = end_socket(process)
+    try:
+        assert select.select([reader], [], [], 0.1 * UNIT)[0] == []  # still running
+        assert select.select([reader], [], [], 30 * UNIT)[0] == [reader]
+        assert reader.recv(1) == b""  # the end of stream: the process has ended
+        process.join(5 * UNIT)
+        assert process.exitcode == 0
+    finally:
+        reader.close()
