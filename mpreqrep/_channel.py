@@ -152,8 +152,8 @@ class Listener:
                 sock, _ = self.sock.accept()
             except (BlockingIOError, InterruptedError):
                 return None
-            except ConnectionAbortedError:  # reset before it was accepted: the next one
-                continue
+            except (ConnectionAbortedError, ConnectionResetError):
+                continue  # reset while queued (Windows says ECONNRESET): the next one
             if sock.family == socket.AF_INET:
                 _no_delay(sock)
             return Channel(sock)

@@ -155,13 +155,13 @@ def test_tcp_channels_send_small_frames_at_once_on_both_ends() -> None:
         connect(listener.address)
 
 
-def test_a_connection_reset_before_it_was_accepted_is_skipped() -> None:
+def test_connections_reset_before_they_were_accepted_are_skipped() -> None:
     listener = Listener(unix=False)
     real = listener.sock
     with connect(listener.address) as worker:
-        outcomes: list[Any] = [ConnectionAbortedError(103, "aborted")]
+        outcomes: list[Any] = [ConnectionResetError(104, "reset"), ConnectionAbortedError(103, "")]
 
-        class Aborting:  # a connection reset while queued, then the real one
+        class Aborting:  # connections reset while queued, then the real one
             def accept(self) -> tuple[socket.socket, Any]:
                 if outcomes:
                     raise outcomes.pop()

@@ -103,6 +103,10 @@ def test_a_windows_shaped_pool_talks_over_loopback_tcp_and_leaves_nothing_behind
         assert sum(conn.raddr == ("127.0.0.1", port) for conn in worker_tcp) == 2
         assert psutil.Process(pid).net_connections(kind="unix") == []
     assert thread_names().count(END_THREAD) == 2  # each worker's end is waited on
+    token = dispatcher._supervisor._token  # the one guard on TCP: no other user may read it
+    for pid in worker_pids(dispatcher):
+        worker = psutil.Process(pid)
+        assert token not in " ".join([*worker.cmdline(), *worker.environ().values()])
     assert [outcome(dispatcher.submit(f"echo:{n}")) for n in range(20)] == [
         str(n) for n in range(20)
     ]
