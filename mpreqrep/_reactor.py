@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import selectors
+import signal
 import threading
 
 from ._loopcore import LoopCore
@@ -61,6 +62,7 @@ class Reactor(LoopCore):
     def __init__(self) -> None:
         super().__init__()
         self._gathered_passes = 0
+        self._wakes_on_signals = False
 
     def call_soon(self, callback: Callable[[], None]) -> bool:
         """Run ``callback`` on the I/O thread soon (any thread).
@@ -91,6 +93,27 @@ class Reactor(LoopCore):
         from now on, calls queued and timers set on this thread need no wake-up."""
         self._bind_thread()
         self._selector.register(self._wake_reader, selectors.EVENT_READ, self._drain_wake)
+        self._wake_on_signals()
+
+    def _wake_on_signals(self) -> None:
+        """On the main thread, make a signal wake the selector, whichever thread the
+        kernel gave it to: Python runs its handler (Ctrl-C's) only once the main thread
+        runs again, and a signal taken by another thread does not end its select().
+        The wake-up socket becomes the signal wake-up fd, unless one is set already
+        (someone else's: it stays)."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+        previous = signal.set_wakeup_fd(self._wake_writer.fileno(), warn_on_full_buffer=False)
+        if previous != -1:
+            signal.set_wakeup_fd(previous)
+        self._wakes_on_signals = previous == -1
+
+    def _close_selector(self) -> None:
+        """Give back the signal wake-up fd (before its socket closes), then close."""
+        if self._wakes_on_signals:
+            self._wakes_on_signals = False
+            signal.set_wakeup_fd(-1)
+        super()._close_selector()
 
     def _end_pass(self) -> None:
         """Run the calls queued on this thread, unless more events are ready and fewer

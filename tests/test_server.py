@@ -412,6 +412,85 @@ def test_ctrl_c_while_run_serves_in_the_main_thread_drains_and_returns(async_val
         mpreqrep.do_request(server.address, "after", 10 * UNIT)
 
 
+SIGINT_TO_A_HANDLER_THREAD_SCRIPT = """
+import signal, sys, threading
+import mpreqrep
+
+class Held(mpreqrep.RequestServer):
+    release = threading.Event()
+
+    def handle_request(self, request):
+        # The kernel gives this SIGINT to this thread, not to the main one that runs
+        # the loop: run() stops only if the signal wakes the loop's select().
+        signal.pthread_kill(threading.get_ident(), signal.SIGINT)
+        Held.release.wait(30)  # released by the Ctrl-C's stop()
+        return "answered"
+
+server = Held("127.0.0.1:0", async_val=True)
+old_stop = server.stop
+
+def stop():
+    old_stop()
+    Held.release.set()
+
+server.stop = stop
+print(server.port, flush=True)
+server.run()
+print("run returned; wake-up fd", signal.set_wakeup_fd(-1), flush=True)  # given back
+"""
+
+
+def test_a_ctrl_c_the_kernel_gives_another_thread_still_stops_run(tmp_path: Path) -> None:
+    # In a process of its own: pytest's faulthandler changes how the signal is taken.
+    script = tmp_path / "sigint_elsewhere.py"
+    script.write_text(textwrap.dedent(SIGINT_TO_A_HANDLER_THREAD_SCRIPT))
+    env = {name: value for name, value in os.environ.items() if name != "PYTHONFAULTHANDLER"}
+    process = subprocess.Popen(
+        [sys.executable, str(script)],
+        cwd=Path(__file__).resolve().parent.parent,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        address = f"127.0.0.1:{int(process.stdout.readline())}"
+        reply = mpreqrep.do_request(address, "q", 10 * UNIT)
+        out, err = process.communicate(timeout=30 * UNIT)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert reply == "answered\r\n"  # not None: the stop came at once, not at the 30 s wait
+    assert process.returncode == 0, err
+    assert out == "run returned; wake-up fd -1\n"
+
+
+def test_run_leaves_a_signal_wake_up_fd_of_someone_else_in_place() -> None:
+    theirs, other_end = socket.socketpair()
+    theirs.setblocking(False)
+    previous = signal.set_wakeup_fd(theirs.fileno())
+    try:
+        server = mpreqrep.RequestServer("127.0.0.1:0")
+        replies: list[str | None] = []
+
+        def ask_then_stop() -> None:
+            replies.append(mpreqrep.do_request(server.address, "q", 10 * UNIT))
+            server.stop()
+
+        stopper = threading.Thread(target=ask_then_stop)
+        stopper.start()
+        server.run()
+        stopper.join(10 * UNIT)
+        assert replies == ["Requested: q\r\n"]
+        assert signal.set_wakeup_fd(previous) == theirs.fileno()
+    finally:
+        signal.set_wakeup_fd(previous)
+        theirs.close()
+        other_end.close()
+
+
 def test_a_second_ctrl_c_interrupts_the_drain() -> None:
     server = HeldServer("127.0.0.1:0", async_val=True)
     client, replies = ask_in_background(server.address)
