@@ -1,7 +1,7 @@
 """mpreqrep: yoton's request-reply over TCP, with handlers on every core.
 
 Public API: :func:`do_request`, :class:`RequestServer`, :func:`split_address`,
-:func:`port_hash`, :class:`NoServerError`,
+:func:`port_hash`, :class:`NoServerError`, :class:`ReplyTooLargeError`,
 :func:`do_request_async` for asyncio programs and :func:`dask_executor` to run
 handlers on a Dask cluster, :class:`ServerCollector` for Prometheus metrics
 (``mpreqrep[metrics]``).
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from ._address import port_hash, split_address
 from ._client import do_request
-from ._errors import NoServerError
+from ._errors import NoServerError, ReplyTooLargeError
 
 TYPE_CHECKING = False  # typing itself is not imported at run time
 if TYPE_CHECKING:
@@ -32,6 +32,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "NoServerError",
+    "ReplyTooLargeError",
     "RequestServer",
     "ServerCollector",
     "__version__",

@@ -13,13 +13,20 @@ import asyncio
 import contextlib
 
 from ._address import format_address, tcp_endpoint
-from ._errors import NoServerError
+from ._client import MAX_REPLY_SIZE, reply_too_large, timeout_seconds
+from ._errors import NoServerError, RequestTooLargeError
 from ._framing import LineReceiver, encode_message
 
 RECV_CHUNK_SIZE = 65536
 
 
-async def do_request_async(address: str, request: str, timeout: float | None = -1) -> str | None:
+async def do_request_async(
+    address: str,
+    request: str,
+    timeout: float | None = -1,
+    *,
+    max_reply_size: int | None = MAX_REPLY_SIZE,
+) -> str | None:
     """Send one request and await its reply, without blocking the event loop.
 
     The awaitable twin of :func:`mpreqrep.do_request`, with the same results
@@ -31,7 +38,10 @@ async def do_request_async(address: str, request: str, timeout: float | None = -
         address: ``"[protocol://]host:port"``, as for :func:`mpreqrep.split_address`.
         request: the request text; CRLF is appended unless it ends with one.
         timeout: seconds allowed for connecting, sending and receiving the
-            whole reply; ``None`` or ``<= 0`` waits as long as it takes.
+            whole reply; ``None``, ``<= 0``, NaN or infinity waits as long as
+            it takes (as :func:`mpreqrep.do_request`).
+        max_reply_size: bytes the reply may reach, CRLF included (1 GiB);
+            ``None`` for no cap.
 
     Returns:
         The reply up to and including its first CRLF (or up to EOF);
@@ -40,30 +50,35 @@ async def do_request_async(address: str, request: str, timeout: float | None = -
 
     Raises:
         ValueError: a malformed address, a protocol other than tcp, or
-            ``request`` is not a ``str``.
+            ``request`` is not a ``str`` or cannot be encoded.
         NoServerError: nobody is listening at the address.
+        ReplyTooLargeError: the reply grew past ``max_reply_size`` bytes
+            without a CRLF (the connection is closed).
     """
     host, port = tcp_endpoint(address)
     if not isinstance(request, str):
         raise ValueError("request should be a string.")
-    exchange = _exchange(host, port, encode_message(request))
-    if timeout is None or timeout <= 0:
-        return await exchange
+    exchange = _exchange(host, port, encode_message(request), LineReceiver(max_reply_size))
+    seconds = timeout_seconds(timeout)
     try:
-        return await asyncio.wait_for(exchange, timeout)
+        if seconds is None:
+            return await exchange
+        return await asyncio.wait_for(exchange, seconds)
     except asyncio.TimeoutError:
         return None
+    except RequestTooLargeError as exc:
+        raise reply_too_large(max_reply_size) from exc
 
 
-async def _exchange(host: str, port: int, payload: bytes) -> str:
-    """Connect, send the payload, half-close, and read the reply."""
+async def _exchange(host: str, port: int, payload: bytes, receiver: LineReceiver) -> str:
+    """Connect, send the payload, half-close, and read the reply into ``receiver``."""
     connection = await _connect(host, port)
     if connection is None:
         return ""
     reader, writer = connection
     try:
         await _send(writer, payload)
-        return await _receive(reader)
+        return await _receive(reader, receiver)
     finally:
         writer.close()
         with contextlib.suppress(OSError):
@@ -103,10 +118,13 @@ async def _send(writer: asyncio.StreamWriter, payload: bytes) -> None:
         writer.write_eof()
 
 
-async def _receive(reader: asyncio.StreamReader) -> str:
+async def _receive(reader: asyncio.StreamReader, receiver: LineReceiver) -> str:
     """Read until the first CRLF or EOF; a failed connection (a reset) before the
-    CRLF gives ``""`` (a reply cut short is no reply, see ``_client._receive_reply``)."""
-    receiver = LineReceiver()
+    CRLF gives ``""`` (a reply cut short is no reply, see ``_client._receive_reply``).
+
+    Raises:
+        RequestTooLargeError: the reply outgrew the receiver's cap.
+    """
     while True:
         try:
             data = await reader.read(RECV_CHUNK_SIZE)

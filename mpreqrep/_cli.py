@@ -40,6 +40,7 @@ from typing import Any, NoReturn, TypeVar
 
 from . import (
     NoServerError,
+    ReplyTooLargeError,
     RequestServer,
     __version__,
     dask_executor,
@@ -203,6 +204,13 @@ def _add_request_command(commands: argparse._SubParsersAction[_ArgumentParser]) 
         metavar="S",
         help="give up after S seconds (default: wait as long as it takes)",
     )
+    request.add_argument(
+        "--max-reply-size",
+        type=size_argument,
+        metavar="SIZE",
+        help="give up on a reply longer than SIZE without a line end (bytes, or e.g. "
+        "512M, 2G; default: 1G)",
+    )
     request.set_defaults(command=_request)
 
 
@@ -362,10 +370,13 @@ OPERATIONS_OPTIONS: tuple[ValueOption, ...] = (
 
 def _request(args: argparse.Namespace) -> int:
     """Send one request, print the reply without its CRLF, and map failures to exit codes."""
+    limit = {} if args.max_reply_size is None else {"max_reply_size": args.max_reply_size}
     try:
-        reply = do_request(args.address, args.text, timeout=args.timeout)
+        reply = do_request(args.address, args.text, timeout=args.timeout, **limit)
     except NoServerError as exc:
         raise CliError(f"no server is listening at {args.address}", EXIT_NO_SERVER) from exc
+    except ReplyTooLargeError as exc:
+        raise CliError(f"{args.address} sent too long a reply: {exc}", EXIT_ERROR) from exc
     if reply is None:
         raise CliError(f"no reply from {args.address} within {args.timeout} s", EXIT_TIMEOUT)
     if not reply:

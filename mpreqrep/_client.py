@@ -10,6 +10,12 @@ Every connection-level failure has one documented outcome, never a bare
 the connection fails once made (reset, ``ENOTCONN`` on shutdown, a listener closed with the
 connection still in its backlog) → the server closed without a reply, ``""``
 (or the part of the reply that came first); the deadline passes → ``None``.
+
+A reply is capped at ``max_reply_size`` bytes before its CRLF (1 GiB by
+default), so a server that streams without end cannot make a client buffer
+without bound: past it, :class:`ReplyTooLargeError`. No reply yoton's own
+client can take comes near that: it holds each byte it receives as an object
+of its own, about 40 bytes (a 1 GiB reply would cost it some 40 GiB).
 """
 
 from __future__ import annotations
@@ -18,14 +24,21 @@ import socket
 import time
 
 from ._address import format_address, tcp_endpoint
-from ._errors import NoServerError
+from ._errors import NoServerError, ReplyTooLargeError, RequestTooLargeError
 from ._framing import LineReceiver, encode_message
 
 RECV_CHUNK_SIZE = 65536
 MAX_TIMEOUT_S = 1e9  # about 31 years: sockets cannot wait longer; a longer timeout waits
+MAX_REPLY_SIZE = 1 << 30  # bytes before the CRLF, CRLF included: 1 GiB
 
 
-def do_request(address: str, request: str, timeout: float | None = -1) -> str | None:
+def do_request(
+    address: str,
+    request: str,
+    timeout: float | None = -1,
+    *,
+    max_reply_size: int | None = MAX_REPLY_SIZE,
+) -> str | None:
     """Send one request and return the reply.
 
     Works against a :class:`RequestServer`, yoton's server, or any
@@ -38,6 +51,8 @@ def do_request(address: str, request: str, timeout: float | None = -1) -> str | 
         timeout: seconds to wait for the whole exchange if > 0; otherwise
             (0, negative, ``None``, NaN, or more than ``MAX_TIMEOUT_S``, as
             infinity) wait as long as it takes.
+        max_reply_size: bytes the reply may reach, CRLF included (1 GiB);
+            ``None`` for no cap, as yoton.
 
     Returns:
         The reply up to and including its first CRLF (or all of it if the
@@ -45,17 +60,21 @@ def do_request(address: str, request: str, timeout: float | None = -1) -> str | 
         ``None`` if ``timeout`` ran out first.
 
     Raises:
-        ValueError: ``request`` is not a ``str``, the address is malformed,
-            or its protocol is not tcp.
+        ValueError: ``request`` is not a ``str`` or cannot be encoded (a
+            ``UnicodeEncodeError``: a lone surrogate), the address is
+            malformed, or its protocol is not tcp.
         NoServerError: nobody is listening at the address.
+        ReplyTooLargeError: the reply grew past ``max_reply_size`` bytes
+            without a CRLF (the connection is closed).
 
     Thread safety: each call uses its own socket; call it from any thread.
     """
     host, port = tcp_endpoint(address)
     if not isinstance(request, str):
         raise ValueError("request should be a string.")
-    waits = timeout is None or not 0 < timeout <= MAX_TIMEOUT_S  # NaN and infinity wait too
-    deadline = None if waits else time.monotonic() + timeout  # type: ignore[operator]
+    payload = encode_message(request)  # before connecting: a lone surrogate raises here
+    seconds = timeout_seconds(timeout)
+    deadline = None if seconds is None else time.monotonic() + seconds
     try:
         sock = socket.create_connection((host, port), timeout=_remaining(deadline))
     except TimeoutError:
@@ -68,10 +87,25 @@ def do_request(address: str, request: str, timeout: float | None = -1) -> str | 
         raise NoServerError(f"No server is listening at {format_address(host, port)}.") from exc
     with sock:
         try:
-            _send_request(sock, request, deadline)
-            return _receive_reply(sock, deadline)
+            _send_request(sock, payload, deadline)
+            return _receive_reply(sock, deadline, LineReceiver(max_reply_size))
         except TimeoutError:
             return None
+        except RequestTooLargeError as exc:
+            raise reply_too_large(max_reply_size) from exc
+
+
+def reply_too_large(max_reply_size: int | None) -> ReplyTooLargeError:
+    """The error for a reply that outgrew ``max_reply_size`` (both clients raise it)."""
+    return ReplyTooLargeError(f"the reply has no CRLF within {max_reply_size} bytes")
+
+
+def timeout_seconds(timeout: float | None) -> float | None:
+    """The seconds a client waits: ``timeout`` if above 0, else ``None`` to wait as
+    long as it takes (0, negative, ``None``, NaN, or above ``MAX_TIMEOUT_S``)."""
+    if timeout is None or not 0 < timeout <= MAX_TIMEOUT_S:  # NaN and infinity wait too
+        return None
+    return timeout
 
 
 def _remaining(deadline: float | None) -> float | None:
@@ -81,7 +115,7 @@ def _remaining(deadline: float | None) -> float | None:
     return max(deadline - time.monotonic(), 1e-6)
 
 
-def _send_request(sock: socket.socket, request: str, deadline: float | None) -> None:
+def _send_request(sock: socket.socket, payload: bytes, deadline: float | None) -> None:
     """Send the request and half-close; a server that already closed is not an error.
 
     Raises:
@@ -92,7 +126,7 @@ def _send_request(sock: socket.socket, request: str, deadline: float | None) -> 
     # closed with us in its backlog: EPIPE, ECONNRESET, ENOTCONN): then the reply
     # is whatever it sent, usually nothing, which _receive_reply reads.
     try:
-        sock.sendall(encode_message(request))
+        sock.sendall(payload)
         sock.shutdown(socket.SHUT_WR)
     except TimeoutError:
         raise
@@ -100,17 +134,17 @@ def _send_request(sock: socket.socket, request: str, deadline: float | None) -> 
         pass
 
 
-def _receive_reply(sock: socket.socket, deadline: float | None) -> str:
-    """Read until the first CRLF or EOF; a failed connection (a reset) before
-    the CRLF gives ``""``.
+def _receive_reply(sock: socket.socket, deadline: float | None, receiver: LineReceiver) -> str:
+    """Read into ``receiver`` until the first CRLF or EOF; a failed connection (a
+    reset) before the CRLF gives ``""``.
 
     A server resets a reply it cut short (a client that made no progress),
     so the part that came first is not taken for the whole reply.
 
     Raises:
         TimeoutError: the deadline passed.
+        RequestTooLargeError: the reply outgrew the receiver's cap.
     """
-    receiver = LineReceiver()
     while True:
         sock.settimeout(_remaining(deadline))
         try:

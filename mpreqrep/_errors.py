@@ -1,6 +1,7 @@
 """Exceptions of mpreqrep.
 
-Owns the public :class:`NoServerError` and the internal framing errors. Knows
+Owns the public :class:`NoServerError` and :class:`ReplyTooLargeError`, and the
+internal framing errors. Knows
 nothing of sockets, threads or processes.
 """
 
@@ -12,6 +13,15 @@ class NoServerError(RuntimeError, ConnectionError):
 
     A :class:`RuntimeError`, which is what yoton raises in that case, and a
     :class:`ConnectionError`, which is what a socket user expects.
+    """
+
+
+class ReplyTooLargeError(RuntimeError):
+    """A reply grew past the client's ``max_reply_size`` before its first CRLF.
+
+    Raised by :func:`do_request` and :func:`do_request_async` instead of
+    buffering without bound what a broken or hostile server may send for
+    ever; the connection is closed.
     """
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import inspect
 import socket
 import struct
 import time
@@ -140,7 +142,7 @@ def test_timeout_returns_none_promptly() -> None:
     assert 0.2 * UNIT <= elapsed < 10 * UNIT
 
 
-@pytest.mark.parametrize("timeout", [None, 0, -1])
+@pytest.mark.parametrize("timeout", [None, 0, -1, float("nan"), float("inf"), 1e300])
 def test_no_timeout_waits_for_a_late_reply(timeout: float | None) -> None:
     async def late(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.read()
@@ -288,3 +290,53 @@ def test_a_reply_cut_short_by_a_reset_is_no_reply() -> None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 
     assert run(request_via(cut_short, "ping")) == ""
+
+
+def streaming_without_crlf(limit: int, sent: list[int]) -> Behaviour:
+    """Read the request, then send bytes without a CRLF until the client hangs up
+    (or ``limit`` bytes are out), counting them in ``sent``."""
+
+    async def behaviour(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()
+        chunk = b"x" * 65536
+        with contextlib.suppress(OSError):  # the client hung up: what we wait for
+            while sent[0] < limit:
+                writer.write(chunk)
+                await writer.drain()
+                sent[0] += len(chunk)
+
+    return behaviour
+
+
+def test_a_reply_that_never_ends_is_cut_off_at_the_cap() -> None:
+    sent = [0]
+
+    async def scenario() -> None:
+        async with tiny_server(streaming_without_crlf(256 * 2**20, sent)) as address:
+            with pytest.raises(mpreqrep.ReplyTooLargeError, match="1048576 bytes"):
+                await do_request_async(address, "x", 60 * UNIT, max_reply_size=2**20)
+
+    run(scenario())
+    assert sent[0] < 256 * 2**20
+
+
+@pytest.mark.parametrize(("size", "too_large"), [(100, False), (101, True)])
+def test_a_reply_of_max_reply_size_bytes_comes_whole_and_one_more_raises(
+    size: int, too_large: bool
+) -> None:
+    reply = b"a" * (size - 2) + b"\r\n"
+
+    async def scenario() -> str | None:
+        async with tiny_server(replying(reply)) as address:
+            return await do_request_async(address, "x", max_reply_size=100)
+
+    if too_large:
+        with pytest.raises(mpreqrep.ReplyTooLargeError):
+            run(scenario())
+    else:
+        assert run(scenario()) == reply.decode()
+
+
+def test_the_reply_cap_defaults_to_the_blocking_clients() -> None:
+    default = inspect.signature(do_request_async).parameters["max_reply_size"].default
+    assert default == inspect.signature(mpreqrep.do_request).parameters["max_reply_size"].default

@@ -500,6 +500,16 @@ def test_request_empty_reply_is_exit_5(capsys: pytest.CaptureFixture[str]) -> No
     assert "without replying" in err
 
 
+def test_request_past_max_reply_size_is_exit_1(capsys: pytest.CaptureFixture[str]) -> None:
+    with running(EchoServer) as server:
+        argv = ["request", server.address, "x" * 2000, "--max-reply-size", "1K"]
+        code, out, err = run_main(argv, capsys)
+        assert run_main([*argv[:3], "--max-reply-size", "2K"], capsys)[:2] == (0, "x" * 2000 + "\n")
+    assert (code, out) == (_cli.EXIT_ERROR, "")
+    assert_one_clean_error_line(err)
+    assert "too long a reply" in err and "1024 bytes" in err
+
+
 # -- serve in this process (so coverage sees the supervisor) -----------------------------
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.server
+import inspect
 import socket
 import struct
 import threading
@@ -134,3 +136,70 @@ def test_a_reply_cut_short_by_a_reset_is_no_reply() -> None:
     address = f"localhost:{listener.getsockname()[1]}"
     assert mpreqrep.do_request(address, "x", 10 * UNIT) == ""
     thread.join(10 * UNIT)
+
+
+def stream_without_crlf(limit: int) -> tuple[int, threading.Thread, list[int]]:
+    """A server that reads the request, then sends bytes without a CRLF until the
+    client hangs up or ``limit`` bytes are out; records how many it sent."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    sent = [0]
+
+    def stream() -> None:
+        with listener, listener.accept()[0] as conn:
+            conn.settimeout(10 * UNIT)
+            while conn.recv(4096):
+                pass
+            chunk = b"x" * 65536
+            with contextlib.suppress(OSError):  # the client hung up: what we wait for
+                while sent[0] < limit:
+                    conn.sendall(chunk)
+                    sent[0] += len(chunk)
+
+    thread = threading.Thread(target=stream, daemon=True)
+    thread.start()
+    return listener.getsockname()[1], thread, sent
+
+
+def test_a_reply_that_never_ends_is_cut_off_at_the_cap_not_buffered_until_the_timeout() -> None:
+    port, thread, sent = stream_without_crlf(limit=256 * 2**20)
+    started = time.monotonic()
+    with pytest.raises(mpreqrep.ReplyTooLargeError, match="1048576 bytes"):
+        mpreqrep.do_request(f"localhost:{port}", "x", timeout=60 * UNIT, max_reply_size=2**20)
+    assert time.monotonic() - started < 30 * UNIT
+    thread.join(10 * UNIT)
+    assert sent[0] < 256 * 2**20  # the client hung up, the server could not go on
+
+
+@pytest.mark.parametrize(
+    "reply", [b"a" * 98 + b"\r\n", b"a" * 100, b"a" * 99 + b"\r", b"a" * 98 + b"\r\nand more"]
+)
+def test_a_reply_of_max_reply_size_bytes_comes_whole(reply: bytes) -> None:
+    port, thread, _ = serve_once(reply)
+    whole = reply[: reply.find(b"\r\n") + 2] if b"\r\n" in reply else reply
+    assert mpreqrep.do_request(f"localhost:{port}", "x", max_reply_size=100) == whole.decode()
+    thread.join(10 * UNIT)
+
+
+def test_a_reply_one_byte_past_max_reply_size_raises() -> None:
+    port, thread, _ = serve_once(b"a" * 100 + b"\r\n")
+    with pytest.raises(mpreqrep.ReplyTooLargeError):
+        mpreqrep.do_request(f"localhost:{port}", "x", max_reply_size=100)
+    thread.join(10 * UNIT)
+
+
+def test_the_reply_cap_defaults_to_one_gib_and_none_lifts_it() -> None:
+    assert inspect.signature(mpreqrep.do_request).parameters["max_reply_size"].default == 2**30
+    port, thread, _ = serve_once(b"b" * (4 * 2**20))
+    reply = mpreqrep.do_request(f"localhost:{port}", "x", 30 * UNIT, max_reply_size=None)
+    assert reply == "b" * (4 * 2**20)
+    thread.join(10 * UNIT)
+
+
+def test_a_request_that_cannot_be_encoded_raises_before_connecting(
+    silent_listener: socket.socket,
+) -> None:
+    silent_listener.setblocking(False)
+    with pytest.raises(UnicodeEncodeError):
+        mpreqrep.do_request(f"localhost:{silent_listener.getsockname()[1]}", "lone \ud800")
+    with pytest.raises(BlockingIOError):  # nothing ever connected
+        silent_listener.accept()
