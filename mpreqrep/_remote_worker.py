@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import collections
 import os
+import pickle
 import threading
+import traceback
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -34,6 +36,18 @@ class CacheMiss:
     """What :func:`run_cached` returns when its process lacks the server."""
 
     __slots__ = ()
+
+
+class UnpicklableHandlerError(Exception):
+    """Stands in for a handler's exception that cannot travel back to the server.
+
+    A pool pickles what a call raised in the worker and unpickles it in the
+    server. One that cannot be unpickled (its ``__init__`` takes other
+    arguments than its ``args``, and unpickling calls it) broke a loky or
+    stdlib pool for every request after it; one that cannot be pickled (an
+    attribute such as a lock) lost its traceback. This carries its type,
+    message and traceback as text instead.
+    """
 
 
 class WorkerReply(NamedTuple):
@@ -82,7 +96,9 @@ def run_cached(token: str, server: Handler | None, request: str) -> WorkerReply 
         process holds no copy under ``token``.
 
     Raises:
-        Exception: whatever :func:`~mpreqrep._dispatch.run_handler` raises.
+        BaseException: whatever :func:`~mpreqrep._dispatch.run_handler` raises,
+            or :class:`UnpicklableHandlerError` in its place if that cannot be
+            pickled and unpickled.
     """
     with _cache_lock:
         if server is None:
@@ -93,7 +109,32 @@ def run_cached(token: str, server: Handler | None, request: str) -> WorkerReply 
         else:
             _store(token, server)
         copies = _copies_received[token]
-    return WorkerReply(os.getpid(), copies, run_handler(server, request))
+    try:
+        reply = run_handler(server, request)
+    except BaseException as exc:
+        if _survives_pickling(exc):
+            raise
+        raise UnpicklableHandlerError(_describe(exc)) from None
+    return WorkerReply(os.getpid(), copies, reply)
+
+
+def _survives_pickling(exc: BaseException) -> bool:
+    """Whether ``exc`` can be pickled and unpickled again, as a pool will do."""
+    try:
+        pickle.loads(pickle.dumps(exc))
+    except Exception:
+        return False
+    return True
+
+
+def _describe(exc: BaseException) -> str:
+    """``exc`` as text: what it is, why it cannot travel, and its traceback."""
+    kind = type(exc)
+    lines = traceback.format_exception(exc)
+    return (
+        f"handle_request raised {kind.__module__}.{kind.__qualname__}, which cannot be"
+        f" pickled back to the server; its traceback in the worker:\n{''.join(lines)}"
+    )
 
 
 def _store(token: str, server: Handler) -> None:

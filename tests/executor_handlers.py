@@ -19,9 +19,20 @@ import mpreqrep
 copies_made: Counter[str] = Counter()
 
 
+class NeedsTwoArguments(Exception):
+    """An exception unpickling cannot rebuild, as in much user code: its ``__init__``
+    takes other arguments than its ``args``."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
 class ProbeServer(mpreqrep.RequestServer):
     """Replies to ``pid``, ``copies [S]`` (after S seconds), ``identity``, ``unique S``,
-    ``sleep S``, ``raise`` and ``crash``; echoes anything else as ``echo:<text>``."""
+    ``sleep S``, ``raise``, ``crash``, ``unpicklable`` (raises what cannot be
+    unpickled) and ``locked`` (raises what cannot be pickled); echoes anything else
+    as ``echo:<text>``."""
 
     def __init__(self, address: str, **options: Any) -> None:
         super().__init__(address, **options)
@@ -50,6 +61,12 @@ class ProbeServer(mpreqrep.RequestServer):
             raise RuntimeError("handler exploded remotely")
         if command == "crash":
             os._exit(3)
+        if command == "unpicklable":
+            raise NeedsTwoArguments("cannot be rebuilt", 7)
+        if command == "locked":
+            error = RuntimeError("holds a lock")
+            error.lock = threading.Lock()  # type: ignore[attr-defined]
+            raise error
         return "echo:" + request
 
 

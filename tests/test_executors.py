@@ -231,6 +231,33 @@ def test_remote_exception_logs_a_traceback_and_closes_without_reply(
     assert "handler exploded remotely" in caplog.text
 
 
+@pytest.mark.parametrize("kind", PROCESS_KINDS)
+@pytest.mark.parametrize(
+    ("command", "raised"),
+    [
+        ("unpicklable", "tests.executor_handlers.NeedsTwoArguments"),
+        ("locked", "builtins.RuntimeError"),
+    ],
+)
+def test_an_exception_that_cannot_travel_back_costs_only_its_own_request(
+    kind: str, command: str, raised: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One the server cannot unpickle broke the pool (passed as is: for good), so every
+    later request got "" too."""
+    pool = pool_factory(kind)()
+    try:
+        with (
+            caplog.at_level(logging.ERROR, logger="mpreqrep"),
+            running(ProbeServer, executor=pool) as server,
+        ):
+            assert ask(server.address, command) == ""
+            assert ask_all(server.address, ["next"] * 4) == ["echo:next\r\n"] * 4
+            assert server.stats()["failed"] == 1
+    finally:
+        pool.shutdown(wait=True)
+    assert f"handle_request raised {raised}, which cannot be pickled" in caplog.text
+
+
 def check_crash_costs_only_its_own_request(server: mpreqrep.RequestServer) -> None:
     """Three requests in flight beside one that kills its worker all get their replies,
     and the server serves on."""
