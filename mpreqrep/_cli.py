@@ -363,6 +363,8 @@ OPERATIONS_OPTIONS: tuple[ValueOption, ...] = (
     ),
 )
 """The options of operating a server in production (README, "Operations")."""
+PROCESS_MODE_OPTIONS = ("--max-worker-memory", "--max-requests", "--max-requests-jitter")
+"""Options that only process mode (``--workers``) can carry out."""
 
 
 # -- request ------------------------------------------------------------------------------
@@ -381,8 +383,31 @@ def _request(args: argparse.Namespace) -> int:
         raise CliError(f"no reply from {args.address} within {args.timeout} s", EXIT_TIMEOUT)
     if not reply:
         raise CliError(f"{args.address} closed the connection without replying", EXIT_EMPTY_REPLY)
-    print(reply.removesuffix("\r\n"))
+    if not print_line(reply.removesuffix("\r\n")):
+        raise CliError("cannot print the reply: stdout is closed", EXIT_ERROR)
     return EXIT_OK
+
+
+def print_line(text: str) -> bool:
+    """Print ``text`` on stdout; ``False`` if stdout is closed or broken (a reader that
+    went away: ``EPIPE``), when the line is lost. stdout is then pointed at the null
+    device, as the ``signal`` module's docs advise, so flushing it at exit fails no more.
+    """
+    try:
+        print(text, flush=True)
+    except (OSError, ValueError):  # ValueError: the file object itself was closed
+        with contextlib.suppress(OSError, ValueError):
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, sys.stdout.fileno())
+            os.close(null)
+        return False
+    return True
+
+
+def announce(line: str) -> None:
+    """Print a line of ``serve``'s; if stdout is closed, log that it is lost and serve on."""
+    if not print_line(line):
+        logger.warning("stdout is closed: %r is lost; serving on", line)
 
 
 # -- serve --------------------------------------------------------------------------------
@@ -395,11 +420,12 @@ def _serve(args: argparse.Namespace) -> int:
     operator may signal as soon as that line is out.
     """
     logging.basicConfig(level=args.log_level, format=LOG_FORMAT)
+    check_mode_options(args)
     server_class = load_server_class(args.target)
     signals = SignalWaiter((*SHUTDOWN_SIGNALS, *OPERATION_SIGNALS), _exit_on_second_shutdown())
     with signals, _executor_for(args) as executor:
         server = _create_server(server_class, args, executor)
-        print(f"{PROG}: serving {args.target} at {server.address}", flush=True)
+        announce(f"{PROG}: serving {args.target} at {server.address}")
         with _metrics_endpoint(server, args.metrics):
             supervisor = _Supervisor(
                 server,
@@ -440,7 +466,7 @@ def _metrics_endpoint(server: RequestServer, address: tuple[str, int] | None) ->
         message = f"cannot serve metrics at {host}:{port}: {_one_line(exc)}"
         raise CliError(message, EXIT_ERROR) from exc
     shown = f"[{host}]" if ":" in host else host
-    print(f"{PROG}: metrics at http://{shown}:{bound_port}/metrics", flush=True)
+    announce(f"{PROG}: metrics at http://{shown}:{bound_port}/metrics")
     try:
         yield
     finally:
@@ -460,6 +486,22 @@ def _executor_for(args: argparse.Namespace) -> Iterator[Executor | None]:
         raise CliError(f"cannot use the Dask scheduler at {args.dask}: {_one_line(exc)}") from exc
     with executor:
         yield executor
+
+
+def check_mode_options(args: argparse.Namespace) -> None:
+    """Refuse options of another mode than the one chosen, rather than ignore them.
+
+    Raises:
+        CliError: ``--async`` with ``--workers`` or ``--dask``, or an option of
+            process mode without ``--workers``.
+    """
+    if args.async_val and (args.workers is not None or args.dask is not None):
+        raise CliError("--async is for thread mode: not with --workers or --dask")
+    if args.workers is not None:
+        return
+    for flag in PROCESS_MODE_OPTIONS:
+        if getattr(args, flag.removeprefix("--").replace("-", "_")) is not None:
+            raise CliError(f"{flag} is for process mode: give --workers too")
 
 
 def load_server_class(target: str) -> type[RequestServer]:
@@ -494,7 +536,7 @@ def _import_module(name: str) -> ModuleType:
         sys.path.insert(0, cwd)
     try:
         return importlib.import_module(name)
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:  # a module that calls sys.exit() as it loads
         logger.debug("importing %r failed", name, exc_info=True)
         hint = "" if isinstance(exc, ImportError) else TRACEBACK_HINT
         raise CliError(f"cannot import module {name!r}: {_one_line(exc)}{hint}") from exc
@@ -523,6 +565,10 @@ def _create_server(
         raise CliError(f"cannot listen at {args.address}: {_one_line(exc)}", EXIT_ERROR) from exc
     except (TypeError, ValueError) as exc:
         raise CliError(f"cannot create {args.target}: {_one_line(exc)}") from exc
+    except Exception as exc:  # the class's own __init__ failed
+        logger.debug("creating %s failed", args.target, exc_info=True)
+        message = f"cannot create {args.target}: {_one_line(exc)}{TRACEBACK_HINT}"
+        raise CliError(message, EXIT_ERROR) from exc
 
 
 def _one_line(exc: BaseException) -> str:

@@ -365,6 +365,11 @@ def test_help_and_version_exit_0(capsys: pytest.CaptureFixture[str]) -> None:
         (["serve", "workers.echo:EchoServer", "--address", "[::1:0"], "invalid address"),
         (["request", "localhost:1"], "required"),
         (["request", "localhost:1", "hi", "--timeout", "x"], "--timeout"),
+        (["serve", "workers.echo:EchoServer", "--async", "--workers", "2"], "--async is for"),
+        (["serve", "workers.echo:EchoServer", "--dask", "tcp://[::1]:1", "--async"], "--async"),
+        (["serve", "workers.echo:EchoServer", "--max-requests", "3"], "--max-requests is for"),
+        (["serve", "workers.echo:EchoServer", "--max-requests-jitter", "3"], "give --workers"),
+        (["serve", "workers.echo:EchoServer", "--max-worker-memory", "1G"], "for process mode"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(
@@ -392,6 +397,7 @@ def in_tmp_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         ("raise RuntimeError('boom\\nsecond line')", "RuntimeError: boom second line"),
         ("def broken(:\n", "SyntaxError"),
         ("import no_such_dependency_here\n", "No module named 'no_such_dependency_here'"),
+        ("import sys\nsys.exit(3)\n", "SystemExit: 3"),
     ],
 )
 def test_module_that_fails_to_import(
@@ -428,6 +434,88 @@ def test_options_the_class_does_not_take(
     assert code == _cli.EXIT_USAGE
     assert_one_clean_error_line(err)
     assert "cannot create narrow:NarrowServer: TypeError" in err
+
+
+def test_a_class_whose_init_raises_is_one_line_and_exit_1(
+    in_tmp_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (in_tmp_dir / "raising.py").write_text(
+        "from mpreqrep import RequestServer\n"
+        "class RaisingServer(RequestServer):\n"
+        "    def __init__(self, address, **options):\n"
+        "        super().__init__(address, **options)\n"
+        "        raise KeyError('no such setting')\n"
+    )
+    code, out, err = run_main(
+        ["serve", "raising:RaisingServer", "--address", "127.0.0.1:0"], capsys
+    )
+    assert (code, out) == (_cli.EXIT_ERROR, "")
+    assert_one_clean_error_line(err)
+    assert "cannot create raising:RaisingServer: KeyError: 'no such setting'" in err
+
+
+def closed_pipe() -> int:
+    """The write end of a pipe whose read end is closed: writing to it fails (EPIPE)."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    return write_end
+
+
+@pytest.mark.timeout(SUBPROCESS_TIMEOUT)
+def test_request_with_stdout_closed_is_one_line_and_exit_1() -> None:
+    stdout = closed_pipe()
+    try:
+        with running(EchoServer) as server:
+            result = subprocess.run(
+                [sys.executable, "-m", "mpreqrep", "request", server.address, "hi"],
+                stdout=stdout,
+                stderr=subprocess.PIPE,
+                env=child_environment(),
+                text=True,
+                timeout=60 * UNIT,
+            )
+    finally:
+        os.close(stdout)
+    assert result.returncode == _cli.EXIT_ERROR
+    assert_one_clean_error_line(result.stderr)
+    assert "stdout is closed" in result.stderr
+
+
+@pytest.mark.timeout(SUBPROCESS_TIMEOUT)
+def test_serve_with_stdout_closed_serves_on_and_says_the_line_is_lost() -> None:
+    address = f"127.0.0.1:{free_port()}"
+    stdout = closed_pipe()
+    try:
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "mpreqrep",
+                "serve",
+                "workers.echo:EchoServer",
+                "--address",
+                address,
+            ],
+            cwd=REPO,
+            stdout=stdout,
+            stderr=subprocess.PIPE,
+            env=child_environment(),
+            text=True,
+        )
+    finally:
+        os.close(stdout)
+    try:
+        replies: list[str | None] = []
+        assert wait_until(lambda: _answers(address, replies), 60 * UNIT)
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=60 * UNIT)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 0 and replies == ["ping\r\n"]
+    assert "Traceback" not in err
+    assert "stdout is closed" in err and "serving on" in err
 
 
 def test_taken_port_is_exit_1(capsys: pytest.CaptureFixture[str]) -> None:
