@@ -52,6 +52,15 @@ def read_frames(sock: socket.socket, count: int) -> list[bytes]:
     return frames
 
 
+def as_outcome(frame: bytes) -> Any:
+    """A worker's message as the parent reads it, a plain reply tuple as an Outcome."""
+    message = _decode(frame)
+    if type(message) is tuple:
+        request_id, reply, elapsed_s = message
+        return _worker.Outcome(request_id, reply, elapsed_s=elapsed_s)
+    return message
+
+
 def play_parent(listener: Listener, frames: list[bytes], replies: int) -> Future[Any]:
     """In a thread: take the lifeline and the channel, send ``frames``, read the
     replies, close the channel. Resolves to (lifeline, hello, replies)."""
@@ -65,7 +74,7 @@ def play_parent(listener: Listener, frames: list[bytes], replies: int) -> Future
             with channel:
                 (hello,) = read_frames(channel, 1)
                 channel.sendall(b"".join(frames))
-                answers = [_decode(frame) for frame in read_frames(channel, replies)]
+                answers = [as_outcome(frame) for frame in read_frames(channel, replies)]
             result.set_result((lifeline, introduction, hello, answers))
         except BaseException as exc:
             result.set_exception(exc)

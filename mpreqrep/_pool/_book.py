@@ -79,6 +79,10 @@ class Settled(NamedTuple):
     """The worker is retiring and has nothing left to do: close its channel."""
 
 
+_DELIVERED = Settled(True, False)
+_IGNORED = Settled(False, False)
+
+
 class Sizing:
     """How many requests to keep in flight on each worker.
 
@@ -225,16 +229,20 @@ class Book:
         so the requests that waited meanwhile travel together too.
         """
         slot = self._slots.get(worker)
-        if slot is None or not slot.queue or slot.queue[0] != request:
-            return Settled(False, False)  # not what this worker runs: ignore
-        slot.queue.popleft()
+        if slot is None or not (queue := slot.queue) or queue[0] != request:
+            return _IGNORED  # not what this worker runs
+        queue.popleft()
         slot.served += 1
-        deliver = request not in self._timed_out
-        self._timed_out.discard(request)
-        slot.deadline = self._deadline(now) if slot.queue and not slot.doomed else None
+        deliver = not self._timed_out or request not in self._timed_out
+        if not deliver:
+            self._timed_out.discard(request)
+        if self._timeout_s is not None:
+            slot.deadline = now + self._timeout_s if queue and not slot.doomed else None
         slot.running_since = now
         self.sizing.observe(elapsed_s)
-        return Settled(deliver, slot.retiring and not slot.queue)
+        if slot.retiring and not queue:
+            return Settled(deliver, True)
+        return _DELIVERED if deliver else _IGNORED
 
     def expire(self, now: float) -> list[tuple[int, int]]:
         """The ``(worker, request)`` pairs whose request ran past its deadline.

@@ -128,25 +128,31 @@ class Requests:
 
     def settle(self, pid: int, payloads: list[bytes]) -> Replies:
         """Resolve the futures of a worker's replies and top the workers up."""
-        resolved: list[tuple[Future[str], Outcome]] = []
+        resolved: list[tuple[Future[str], str | Outcome]] = []
         retiring = retired = False
         with self._lock:
             now = self._now()
+            book, pending = self._book, self._pending
+            outcome: str | Outcome
             for payload in payloads:
-                message = _decode(payload) or _undecodable(self._book.running(pid))
-                if isinstance(message, Retiring):
+                message = _decode(payload) or _undecodable(book.running(pid))
+                if isinstance(message, Outcome):
+                    request_id, outcome, elapsed_s = message.request_id, message, message.elapsed_s
+                elif isinstance(message, Retiring):
                     retiring = True
                     continue
-                settled = self._book.settle(pid, message.request_id, message.elapsed_s, now)
-                entry = self._pending.pop(message.request_id, None) if settled.deliver else None
+                else:  # a reply, the common case, settled as it came (no Outcome made)
+                    request_id, outcome, elapsed_s = message
+                settled = book.settle(pid, request_id, elapsed_s, now)
+                entry = pending.pop(request_id, None) if settled.deliver else None
                 if entry is not None:
-                    resolved.append((entry.future, message))
+                    resolved.append((entry.future, outcome))
                 retired |= settled.retired
-            if not (self._book.waiting() and self._gathering()):
-                self._send(self._book.top_up(now))
+            if not (book.waiting() and self._gathering()):
+                self._send(book.top_up(now))
             self._watch_deadline()
-        for future, outcome in resolved:
-            _resolve(future, outcome)
+        for future, result in resolved:
+            _resolve(future, result)
         return Replies(retiring, retired)
 
     def lose(self, pid: int) -> None:
@@ -291,7 +297,10 @@ class Requests:
         """Mark a request's future running as the book hands it to a worker (it may be
         resent, running already); ``False``, and forget it, if it was cancelled."""
         future = self._pending[request_id].future
-        if future.running() or future.set_running_or_notify_cancel():
+        try:
+            if future.set_running_or_notify_cancel():
+                return True
+        except RuntimeError:  # resent: running since its first worker took it
             return True
         del self._pending[request_id]
         return False
@@ -328,17 +337,18 @@ class Requests:
             self._timer.moved(self._book.next_deadline())
 
 
-def _decode(payload: bytes) -> Outcome | Retiring | None:
+Reply = tuple[int, str, float]
+"""A worker's reply as it travels: ``(request_id, reply, elapsed_s)``, a plain tuple."""
+
+
+def _decode(payload: bytes) -> Reply | Outcome | Retiring | None:
     """A worker's message, ``None`` if it does not unpickle."""
     try:
         message = pickle.loads(payload)
     except Exception:
         logger.exception("cannot read a worker's reply")
         return None
-    if type(message) is tuple:  # a reply: (request_id, reply, elapsed_s)
-        request_id, reply, elapsed_s = message
-        return Outcome(request_id, reply, elapsed_s=elapsed_s)
-    assert isinstance(message, (Outcome, Retiring)), "workers send nothing else"
+    assert type(message) is tuple or isinstance(message, (Outcome, Retiring)), "nothing else"
     return message
 
 
@@ -348,20 +358,30 @@ def _undecodable(running: int | None) -> Outcome:
     return Outcome(-1 if running is None else running, error=error)
 
 
-def _resolve(future: Future[str], outcome: Outcome) -> None:
-    """Set a future from a worker's outcome, chaining the remote traceback."""
+def _resolve(future: Future[str], outcome: str | Outcome) -> None:
+    """Set a future from a worker's reply, or from its outcome (chaining the remote
+    traceback of an error)."""
+    if isinstance(outcome, str):
+        _set_result(future, outcome)
+        return
     error = outcome.error
     if error is None:
-        try:  # noqa: SIM105 - no context manager per reply on the I/O thread
-            future.set_result(outcome.reply)
-        except InvalidStateError:  # its owner finished it (a plain Future lets anyone)
-            pass
+        _set_result(future, outcome.reply)
         return
     if not isinstance(error, Exception):  # never hand the I/O loop a SystemExit
         error = RuntimeError(f"handle_request raised {type(error).__name__}: {error}")
     if outcome.traceback:
         error.__cause__ = RemoteTraceback(outcome.traceback)
     _fail(future, error)
+
+
+def _set_result(future: Future[str], reply: str) -> None:
+    """Set a future's reply unless its owner already finished it (a plain Future lets
+    anyone)."""
+    try:  # noqa: SIM105 - no context manager per reply on the I/O thread
+        future.set_result(reply)
+    except InvalidStateError:
+        pass
 
 
 def _fail(future: Future[str], error: Exception) -> None:
