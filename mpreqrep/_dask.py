@@ -207,7 +207,7 @@ def _submit_to_dask(
     attempt: Future[Any] = Future()
 
     def cancel_task(done: Future[Any]) -> None:
-        if done.cancelled():
+        if done.cancelled() and client.status == "running":  # a closed client raises
             task.cancel()
 
     def fetch(finished: Any) -> None:  # on a fetcher thread

@@ -238,6 +238,31 @@ def test_a_lost_scheduler_costs_replies_not_the_server(caplog: pytest.LogCapture
     assert "no scheduler to submit to" in caplog.text
 
 
+def test_a_dask_client_closed_under_the_server_costs_replies_and_logs_no_stray_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Cancelling the task of a request in flight raised ClosedClientError in the
+    attempt's done callback: concurrent.futures logged "exception calling callback".
+    (A cluster of its own: with its client closed, the server cannot withdraw its plugin.)
+    """
+    with distributed.LocalCluster(n_workers=1, **CLUSTER_OPTIONS) as own_cluster:
+        executor = dask_executor(own_cluster.scheduler_address)
+        with caplog.at_level(logging.ERROR), running(ProbeServer, executor=executor) as server:
+            assert ask(server.address, "before") == "echo:before\r\n"
+            in_flight: list[str | None] = []
+            sender = threading.Thread(
+                target=lambda: in_flight.append(ask(server.address, "sleep 1"))
+            )
+            sender.start()
+            assert wait_until(lambda: server.stats()["in_flight"] == 1, 10 * UNIT)
+            executor.client.close()
+            sender.join(30 * UNIT)
+            assert in_flight == [""]
+            assert ask(server.address, "after") == ""
+    assert "no scheduler to submit to" in caplog.text
+    assert not [r for r in caplog.records if r.name == "concurrent.futures"], caplog.text
+
+
 def test_dask_executor_connects_serves_and_closes_its_client(cluster: Any) -> None:
     with (
         dask_executor(cluster.scheduler_address) as executor,
@@ -336,6 +361,8 @@ class FakeTask:
 
 
 class FakeClient:
+    status = "running"
+
     def __init__(self, task: FakeTask) -> None:
         self.task = task
         self.submitted: list[tuple[Any, ...]] = []
