@@ -21,6 +21,7 @@ one serves a cluster with mpreqrep's own options).
 from __future__ import annotations
 
 import collections
+import gc
 import logging
 import threading
 import time
@@ -285,7 +286,26 @@ def dask_executor(
 
 
 def _open_client(address: str, timeout_s: float) -> Any:
-    """A ``distributed.Client`` of mpreqrep's own (never the process's default one)."""
+    """A ``distributed.Client`` of mpreqrep's own (never the process's default one).
+
+    A ``Client`` that fails to connect is left in a reference cycle (through its
+    error's traceback), and its ``__del__`` closes it by waiting on its event
+    loop: met by the collector only as the interpreter exits, that wait never
+    ends, and the process hangs after reporting the error. So the error is raised
+    afresh, without the chain, once the failed client was collected here.
+
+    Raises:
+        OSError: no scheduler answered within ``timeout_s``.
+        ValueError: a malformed address (an unknown scheme, say).
+    """
     from distributed import Client
 
-    return Client(address, timeout=timeout_s, set_as_default=False)  # type: ignore[no-untyped-call]
+    error: Exception
+    try:
+        return Client(address, timeout=timeout_s, set_as_default=False)  # type: ignore[no-untyped-call]
+    except OSError as exc:
+        error = OSError(str(exc))
+    except ValueError as exc:
+        error = ValueError(str(exc))
+    gc.collect()  # the failed client, while its event loop still runs
+    raise error

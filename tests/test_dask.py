@@ -294,6 +294,22 @@ def test_dask_executor_without_a_scheduler_raises_oserror() -> None:
         dask_executor("tcp://127.0.0.1:9", connect_timeout_s=0.5 * UNIT)
 
 
+def test_serve_with_a_scheduler_it_cannot_use_exits_after_its_error_line() -> None:
+    """The failed Client's __del__, run by the collector at interpreter exit, waited
+    for ever on its event loop: serve printed its error and never exited."""
+    argv = ["serve", "workers.echo:EchoServer", "--address", "127.0.0.1:0", "--dask", "bad://x"]
+    result = subprocess.run(
+        [sys.executable, "-m", "mpreqrep", *argv],
+        cwd=Path(__file__).resolve().parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=60 * UNIT,
+    )
+    assert result.returncode == 2
+    assert result.stderr.startswith("mpreqrep: error: cannot use the Dask scheduler at bad://x")
+    assert result.stderr.count("\n") == 1
+
+
 def test_dask_executor_without_distributed_names_the_extra(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
