@@ -54,24 +54,34 @@ def frame_of(data: bytes) -> bytes:
 
 
 class FrameReader:
-    """Splits a byte stream into frame payloads (sans I/O)."""
+    """Splits a byte stream into frame payloads (sans I/O).
+
+    A frame that arrives in many reads (a big reply) is gathered in one
+    buffer and copied out once, when its last byte comes: each read costs
+    only its own bytes, never the part of the frame that came before.
+    """
 
     def __init__(self) -> None:
         self._buffer = bytearray()
+        self._needed = 0  # the bytes the buffered partial frame has in all, header included
 
     def feed(self, data: bytes) -> list[bytes]:
         """Add received bytes; return the payloads of the frames now complete."""
         if self._buffer:  # the rest of a partial frame: join it to what came before
             self._buffer += data
+            if len(self._buffer) < self._needed:
+                return []
             data = bytes(self._buffer)
             self._buffer.clear()
         payloads: list[bytes] = []
         start = 0
         header_size = FRAME_HEADER.size
+        self._needed = header_size
         while len(data) - start >= header_size:
             (size,) = FRAME_HEADER.unpack_from(data, start)
             end = start + header_size + size
             if end > len(data):
+                self._needed = end - start
                 break
             payloads.append(data[start + header_size : end])
             start = end

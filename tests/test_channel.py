@@ -3,6 +3,7 @@ and loopback TCP (Windows' kind)."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import pickle
 import socket
@@ -12,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mpreqrep import _channel
 from mpreqrep._channel import Channel, FrameReader, Listener, connect, encode_frame
@@ -42,6 +45,33 @@ def test_frames_split_across_reads_and_packed_in_one_come_out_whole() -> None:
         payloads += reader.feed(stream[index : index + 3])
     assert [pickle.loads(payload) for payload in payloads] == ["first", ["second", 2], b""]
     assert reader.feed(stream) and reader.feed(b"") == []
+
+
+@given(
+    messages=st.lists(st.binary(max_size=300), max_size=6),
+    cuts=st.lists(st.integers(min_value=0, max_value=2000), max_size=12),
+)
+@settings(max_examples=300, deadline=None)
+def test_frames_come_out_whole_and_in_order_however_the_stream_is_cut(
+    messages: list[bytes], cuts: list[int]
+) -> None:
+    stream = b"".join(encode_frame(message) for message in messages)
+    bounds = [0, *sorted(cut for cut in cuts if cut < len(stream)), len(stream)]
+    reader = FrameReader()
+    payloads: list[bytes] = []
+    for begin, end in itertools.pairwise(bounds):
+        payloads += reader.feed(stream[begin:end])  # empty pieces too
+    assert [pickle.loads(payload) for payload in payloads] == messages
+    assert reader.feed(encode_frame("next")) == [encode_frame("next")[4:]]  # nothing left over
+
+
+def test_a_big_frame_in_many_reads_comes_out_once_its_last_byte_came() -> None:
+    big = encode_frame(b"x" * (1 << 20)) + encode_frame("after")
+    reader = FrameReader()
+    chunk = 64 << 10
+    gathered = [reader.feed(big[index : index + chunk]) for index in range(0, len(big), chunk)]
+    assert all(payloads == [] for payloads in gathered[:-1])
+    assert [pickle.loads(payload) for payload in gathered[-1]] == [b"x" * (1 << 20), "after"]
 
 
 def test_a_channel_keeps_what_the_socket_does_not_take_and_flushes_it_in_order(
