@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 
 from ._address import format_address, tcp_endpoint
-from ._client import MAX_REPLY_SIZE, reply_too_large, timeout_seconds
+from ._client import MAX_REPLY_SIZE, reply_receiver, reply_too_large, timeout_seconds
 from ._errors import NoServerError, RequestTooLargeError
 from ._framing import LineReceiver, encode_message
 
@@ -49,8 +49,9 @@ async def do_request_async(
         complete reply came within ``timeout``.
 
     Raises:
-        ValueError: a malformed address, a protocol other than tcp, or
-            ``request`` is not a ``str`` or cannot be encoded.
+        ValueError: a malformed address, a protocol other than tcp,
+            ``request`` is not a ``str`` or cannot be encoded, or
+            ``max_reply_size`` is not a positive ``int`` or ``None``.
         NoServerError: nobody is listening at the address.
         ReplyTooLargeError: the reply grew past ``max_reply_size`` bytes
             without a CRLF (the connection is closed).
@@ -58,7 +59,7 @@ async def do_request_async(
     host, port = tcp_endpoint(address)
     if not isinstance(request, str):
         raise ValueError("request should be a string.")
-    exchange = _exchange(host, port, encode_message(request), LineReceiver(max_reply_size))
+    exchange = _exchange(host, port, encode_message(request), reply_receiver(max_reply_size))
     seconds = timeout_seconds(timeout)
     try:
         if seconds is None:

@@ -62,7 +62,8 @@ def do_request(
     Raises:
         ValueError: ``request`` is not a ``str`` or cannot be encoded (a
             ``UnicodeEncodeError``: a lone surrogate), the address is
-            malformed, or its protocol is not tcp.
+            malformed, its protocol is not tcp, or ``max_reply_size`` is not
+            a positive ``int`` or ``None``.
         NoServerError: nobody is listening at the address.
         ReplyTooLargeError: the reply grew past ``max_reply_size`` bytes
             without a CRLF (the connection is closed).
@@ -73,6 +74,7 @@ def do_request(
     if not isinstance(request, str):
         raise ValueError("request should be a string.")
     payload = encode_message(request)  # before connecting: a lone surrogate raises here
+    receiver = reply_receiver(max_reply_size)
     seconds = timeout_seconds(timeout)
     deadline = None if seconds is None else time.monotonic() + seconds
     try:
@@ -88,11 +90,23 @@ def do_request(
     with sock:
         try:
             _send_request(sock, payload, deadline)
-            return _receive_reply(sock, deadline, LineReceiver(max_reply_size))
+            return _receive_reply(sock, deadline, receiver)
         except TimeoutError:
             return None
         except RequestTooLargeError as exc:
             raise reply_too_large(max_reply_size) from exc
+
+
+def reply_receiver(max_reply_size: int | None) -> LineReceiver:
+    """A receiver of one reply within ``max_reply_size`` bytes (both clients use it).
+
+    Raises:
+        ValueError: ``max_reply_size`` is neither ``None`` nor a positive ``int``.
+    """
+    positive_int = type(max_reply_size) is int and max_reply_size > 0  # not a bool
+    if max_reply_size is not None and not positive_int:
+        raise ValueError(f"max_reply_size must be a positive int or None, not {max_reply_size!r}")
+    return LineReceiver(max_reply_size)
 
 
 def reply_too_large(max_reply_size: int | None) -> ReplyTooLargeError:

@@ -320,6 +320,12 @@ def test_a_reply_that_never_ends_is_cut_off_at_the_cap() -> None:
     assert sent[0] < 256 * 2**20
 
 
+@pytest.mark.parametrize("size", [0, -1, 2.5, True])
+def test_a_max_reply_size_that_is_no_positive_int_raises(size: object) -> None:
+    with pytest.raises(ValueError, match="max_reply_size"):
+        run(do_request_async("127.0.0.1:1", "x", 10 * UNIT, max_reply_size=size))  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize(("size", "too_large"), [(100, False), (101, True)])
 def test_a_reply_of_max_reply_size_bytes_comes_whole_and_one_more_raises(
     size: int, too_large: bool

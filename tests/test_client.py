@@ -187,6 +187,18 @@ def test_a_reply_one_byte_past_max_reply_size_raises() -> None:
     thread.join(10 * UNIT)
 
 
+@pytest.mark.parametrize("size", [0, -1, 2.5, True, "100"])
+def test_a_max_reply_size_that_is_no_positive_int_raises_before_connecting(
+    size: object, silent_listener: socket.socket
+) -> None:
+    address = f"127.0.0.1:{silent_listener.getsockname()[1]}"
+    with pytest.raises(ValueError, match="max_reply_size"):
+        mpreqrep.do_request(address, "x", 10 * UNIT, max_reply_size=size)  # type: ignore[arg-type]
+    silent_listener.settimeout(0)
+    with pytest.raises(BlockingIOError):
+        silent_listener.accept()  # nobody connected
+
+
 def test_the_reply_cap_defaults_to_one_gib_and_none_lifts_it() -> None:
     assert inspect.signature(mpreqrep.do_request).parameters["max_reply_size"].default == 2**30
     port, thread, _ = serve_once(b"b" * (4 * 2**20))
