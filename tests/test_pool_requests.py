@@ -7,6 +7,7 @@ frames it gets and writes its replies, so no process is needed.
 
 from __future__ import annotations
 
+import logging
 import pickle
 import socket
 import threading
@@ -15,7 +16,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from mpreqrep._channel import Channel, FrameReader, encode_frame
-from mpreqrep._pool._errors import HandlerTimeoutError
+from mpreqrep._pool._errors import HandlerTimeoutError, WorkerCrashError
 from mpreqrep._pool._requests import Requests
 
 from .conftest import UNIT
@@ -249,3 +250,26 @@ def test_a_deadline_passing_after_the_requests_were_abandoned_only_kills_the_wor
     host.timers[0].callback()
     assert kills == [[PID]]  # the worker still runs past the deadline: killed
     assert requests.figures([])[0]["timed_out"] == 0  # failed already, not timed out
+
+
+def test_a_request_resent_after_its_worker_was_lost_is_claimed_without_a_complaint(
+    worker_end: tuple[Requests, socket.socket], caplog: pytest.LogCaptureFixture
+) -> None:
+    requests, worker = worker_end
+    running, queued = requests.submit("a"), requests.submit("b")
+    assert [rid for frame in frames_waiting(worker) for rid, _ in frame] == [0, 1]
+    other_parent, other_worker = socket.socketpair()
+    other_worker.setblocking(False)
+    try:
+        requests.join(PID + 1, Channel(other_parent))
+        with caplog.at_level(logging.DEBUG):
+            requests.lose(PID)  # "a" ran there and fails; "b" never started: resent
+        assert isinstance(running.exception(timeout=0), WorkerCrashError)
+        assert frames_waiting(other_worker) == [[(1, "b")]]
+        complaints = [r for r in caplog.records if r.name == "concurrent.futures"]
+        assert complaints == []  # it logged CRITICAL: "Future ... in unexpected state"
+        requests.settle(PID + 1, FrameReader().feed(encode_frame((1, "r1", 0.00001))))
+        assert queued.result(timeout=0) == "r1"
+    finally:
+        other_parent.close()
+        other_worker.close()

@@ -297,10 +297,8 @@ class Requests:
         """Mark a request's future running as the book hands it to a worker (it may be
         resent, running already); ``False``, and forget it, if it was cancelled."""
         future = self._pending[request_id].future
-        try:
-            if future.set_running_or_notify_cancel():
-                return True
-        except RuntimeError:  # resent: running since its first worker took it
+        # Asked of a resent one, set_running_or_notify_cancel logs CRITICAL and raises.
+        if future.running() or future.set_running_or_notify_cancel():
             return True
         del self._pending[request_id]
         return False
