@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import signal
@@ -11,6 +12,7 @@ import sys
 import textwrap
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -300,7 +302,7 @@ def test_a_failed_start_closes_the_listener_at_once() -> None:
 
 
 CTRL_C_SCRIPT = """
-import sys, threading
+import signal, sys, threading
 import mpreqrep
 
 class Held(mpreqrep.RequestServer):
@@ -308,6 +310,10 @@ class Held(mpreqrep.RequestServer):
 
     def handle_request(self, request):
         print("handling", flush=True)
+        if sys.argv[2:] == ["signal-here"]:
+            # The kernel gives this SIGINT to this thread, not to the main one that runs
+            # the loop: run() stops only if the signal wakes the loop's select().
+            signal.pthread_kill(threading.get_ident(), signal.SIGINT)
         Held.release.wait(30)  # released by the first Ctrl-C below
         return "answered"
 
@@ -321,23 +327,34 @@ def stop():
 server.stop = stop
 print(server.port, flush=True)
 server.run()
-print("run returned", flush=True)
+print("run returned; wake-up fd", signal.set_wakeup_fd(-1), flush=True)  # given back
 """
 
 
-def test_ctrl_c_stops_a_script_that_serves_with_run_and_it_exits_0(tmp_path: Path) -> None:
-    mode = "sync"
-    script = tmp_path / "serve_in_main.py"
-    script.write_text(textwrap.dedent(CTRL_C_SCRIPT))
-    repo = Path(__file__).resolve().parent.parent
+@contextlib.contextmanager
+def script_process(path: Path, text: str, *args: str) -> Iterator[subprocess.Popen[str]]:
+    """``text`` run as a script at ``path`` from the repo root, killed if still running
+    at the end. Without PYTHONFAULTHANDLER: that changes which thread takes a signal."""
+    path.write_text(textwrap.dedent(text))
+    env = {name: value for name, value in os.environ.items() if name != "PYTHONFAULTHANDLER"}
     process = subprocess.Popen(
-        [sys.executable, str(script), mode],
-        cwd=repo,
+        [sys.executable, str(path), *args],
+        cwd=Path(__file__).resolve().parent.parent,
+        env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
     try:
+        yield process
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def test_ctrl_c_stops_a_script_that_serves_with_run_and_it_exits_0(tmp_path: Path) -> None:
+    with script_process(tmp_path / "serve_in_main.py", CTRL_C_SCRIPT, "sync") as process:
         assert process.stdout is not None
         address = f"127.0.0.1:{int(process.stdout.readline())}"
         replies: list[str | None] = []
@@ -349,13 +366,9 @@ def test_ctrl_c_stops_a_script_that_serves_with_run_and_it_exits_0(tmp_path: Pat
         process.send_signal(signal.SIGINT)
         client.join(30 * UNIT)
         out, err = process.communicate(timeout=30 * UNIT)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
     assert replies == ["answered\r\n"]
     assert process.returncode == 0, err
-    assert out == "run returned\n"
+    assert out == "run returned; wake-up fd -1\n"
     assert "Traceback" not in err
     with pytest.raises(mpreqrep.NoServerError):
         mpreqrep.do_request(address, "after", 10 * UNIT)
@@ -412,59 +425,17 @@ def test_ctrl_c_while_run_serves_in_the_main_thread_drains_and_returns(async_val
         mpreqrep.do_request(server.address, "after", 10 * UNIT)
 
 
-SIGINT_TO_A_HANDLER_THREAD_SCRIPT = """
-import signal, sys, threading
-import mpreqrep
-
-class Held(mpreqrep.RequestServer):
-    release = threading.Event()
-
-    def handle_request(self, request):
-        # The kernel gives this SIGINT to this thread, not to the main one that runs
-        # the loop: run() stops only if the signal wakes the loop's select().
-        signal.pthread_kill(threading.get_ident(), signal.SIGINT)
-        Held.release.wait(30)  # released by the Ctrl-C's stop()
-        return "answered"
-
-server = Held("127.0.0.1:0", async_val=True)
-old_stop = server.stop
-
-def stop():
-    old_stop()
-    Held.release.set()
-
-server.stop = stop
-print(server.port, flush=True)
-server.run()
-print("run returned; wake-up fd", signal.set_wakeup_fd(-1), flush=True)  # given back
-"""
-
-
 def test_a_ctrl_c_the_kernel_gives_another_thread_still_stops_run(tmp_path: Path) -> None:
     # In a process of its own: pytest's faulthandler changes how the signal is taken.
     script = tmp_path / "sigint_elsewhere.py"
-    script.write_text(textwrap.dedent(SIGINT_TO_A_HANDLER_THREAD_SCRIPT))
-    env = {name: value for name, value in os.environ.items() if name != "PYTHONFAULTHANDLER"}
-    process = subprocess.Popen(
-        [sys.executable, str(script)],
-        cwd=Path(__file__).resolve().parent.parent,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
+    with script_process(script, CTRL_C_SCRIPT, "async", "signal-here") as process:
         assert process.stdout is not None
         address = f"127.0.0.1:{int(process.stdout.readline())}"
         reply = mpreqrep.do_request(address, "q", 10 * UNIT)
         out, err = process.communicate(timeout=30 * UNIT)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
     assert reply == "answered\r\n"  # not None: the stop came at once, not at the 30 s wait
     assert process.returncode == 0, err
-    assert out == "run returned; wake-up fd -1\n"
+    assert out == "handling\nrun returned; wake-up fd -1\n"
 
 
 def test_run_leaves_a_signal_wake_up_fd_of_someone_else_in_place() -> None:
