@@ -137,3 +137,13 @@ def alive(process: psutil.Process) -> bool:
         return bool(process.status() != psutil.STATUS_ZOMBIE)
     except psutil.NoSuchProcess:
         return False
+
+
+def assert_all_gone_soon(family: list[psutil.Process], killed_at: float) -> None:
+    """Every process of ``family`` (a killed server's descendants, at least a worker
+    and a helper) ends within 2 s of ``killed_at``; prints how soon."""
+    assert len(family) >= 2
+    assert wait_until(lambda: not any(map(alive, family)), 2.0), [
+        (child.pid, child.cmdline()) for child in family if alive(child)
+    ]
+    print(f"no descendant left {time.monotonic() - killed_at:.3f} s after SIGKILL")

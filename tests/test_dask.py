@@ -211,6 +211,17 @@ def test_a_worker_dying_mid_request_costs_only_that_request(
     client.wait_for_workers(2, timeout=30 * UNIT)
 
 
+def ask_one_in_flight(
+    server: mpreqrep.RequestServer, request: str
+) -> tuple[threading.Thread, list[str | None]]:
+    """Send ``request`` from a thread of its own and wait until the server holds it."""
+    replies: list[str | None] = []
+    sender = threading.Thread(target=lambda: replies.append(ask(server.address, request)))
+    sender.start()
+    assert wait_until(lambda: server.stats()["in_flight"] == 1, 10 * UNIT)
+    return sender, replies
+
+
 def test_a_lost_scheduler_costs_replies_not_the_server(caplog: pytest.LogCaptureFixture) -> None:
     cluster = distributed.LocalCluster(n_workers=1, **CLUSTER_OPTIONS)
     lone_client = distributed.Client(cluster, set_as_default=False)
@@ -220,12 +231,7 @@ def test_a_lost_scheduler_costs_replies_not_the_server(caplog: pytest.LogCapture
             running(ProbeServer, executor=lone_client.get_executor()) as server,
         ):
             assert ask(server.address, "before") == "echo:before\r\n"
-            in_flight: list[str | None] = []
-            sender = threading.Thread(
-                target=lambda: in_flight.append(ask(server.address, "sleep 1"))
-            )
-            sender.start()
-            assert wait_until(lambda: server.stats()["in_flight"] == 1, 10 * UNIT)
+            sender, in_flight = ask_one_in_flight(server, "sleep 1")
             cluster.close()
             sender.join(30 * UNIT)
             assert in_flight == [""]
@@ -249,12 +255,7 @@ def test_a_dask_client_closed_under_the_server_costs_replies_and_logs_no_stray_e
         executor = dask_executor(own_cluster.scheduler_address)
         with caplog.at_level(logging.ERROR), running(ProbeServer, executor=executor) as server:
             assert ask(server.address, "before") == "echo:before\r\n"
-            in_flight: list[str | None] = []
-            sender = threading.Thread(
-                target=lambda: in_flight.append(ask(server.address, "sleep 1"))
-            )
-            sender.start()
-            assert wait_until(lambda: server.stats()["in_flight"] == 1, 10 * UNIT)
+            sender, in_flight = ask_one_in_flight(server, "sleep 1")
             executor.client.close()
             sender.join(30 * UNIT)
             assert in_flight == [""]

@@ -27,7 +27,7 @@ from mpreqrep._pool import HandlerTimeoutError, ProcessPoolDispatcher, WorkerCra
 from mpreqrep._pool._greeter import MAX_GREETINGS
 from mpreqrep._worker import Hello, introduction
 
-from .conftest import UNIT, alive, ask_all, running, wait_until
+from .conftest import UNIT, ask_all, assert_all_gone_soon, running, wait_until
 from .pool_handlers import Commands, Ledger
 from .process_handlers import PidServer
 from .test_pool import children, ledger_runs, outcome, worker_pids
@@ -235,12 +235,7 @@ def test_a_sigkilled_serve_in_windows_shape_takes_every_descendant_within_2_s(
     finally:
         serve.kill()
         serve.wait()
-    killed_at = time.monotonic()
-    assert len(family) >= 2
-    assert wait_until(lambda: not any(map(alive, family)), 2.0), [
-        (child.pid, child.cmdline()) for child in family if alive(child)
-    ]
-    print(f"no descendant left {time.monotonic() - killed_at:.3f} s after SIGKILL")
+    assert_all_gone_soon(family, killed_at=time.monotonic())
     assert list(tmp_path.iterdir()) == []
 
 

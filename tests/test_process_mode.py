@@ -17,7 +17,7 @@ import pytest
 
 import mpreqrep
 
-from .conftest import UNIT, alive, running, wait_until
+from .conftest import UNIT, assert_all_gone_soon, running, wait_until
 from .process_handlers import PidServer, RaisingServer, SlowLedgerServer
 from .test_server import fire
 
@@ -245,12 +245,7 @@ def test_a_sigkilled_serve_leaves_no_descendant_and_no_socket_directory() -> Non
     finally:
         serve.kill()
         serve.wait()
-    killed_at = time.monotonic()
-    assert len(family) >= 2
-    assert wait_until(lambda: not any(map(alive, family)), 2.0), [
-        (child.pid, child.cmdline()) for child in family if alive(child)
-    ]
-    print(f"no descendant left {time.monotonic() - killed_at:.3f} s after SIGKILL")
+    assert_all_gone_soon(family, killed_at=time.monotonic())
     assert directories and not any(os.path.exists(directory) for directory in directories)
 
 
